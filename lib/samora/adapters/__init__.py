@@ -1,0 +1,1 @@
+"""LoRA experts and their HL-Attn fusion."""

@@ -1,0 +1,83 @@
+"""Attention wrapper that applies the LoRA experts and fuses their residuals (HL-Attn, METHOD.md §4)."""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from samora.backbones.base import AttentionCore
+
+
+class SplitQKV(nn.Module):
+    """A fused qkv Linear split into q, k, v Linears so LoRA can target Q and V only (K untouched)."""
+
+    def __init__(self, fused: nn.Linear) -> None:
+        super().__init__()
+        dim = fused.in_features
+        width = fused.out_features // 3
+        bias = fused.bias is not None
+        self.q, self.k, self.v = (nn.Linear(dim, width, bias=bias) for _ in range(3))
+        with torch.no_grad():
+            for i, layer in enumerate((self.q, self.k, self.v)):
+                layer.weight.copy_(fused.weight[i * width : (i + 1) * width])
+                if bias:
+                    layer.bias.copy_(fused.bias[i * width : (i + 1) * width])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
+def _base_and_deltas(layer: nn.Module, x: torch.Tensor, experts: list[str]) -> tuple[torch.Tensor, dict]:
+    """Frozen output of a (possibly LoRA-wrapped) Linear and each named expert's low-rank update."""
+    if not isinstance(layer, LoraLayer):
+        return layer(x), {}
+    base = layer.base_layer(x)
+    deltas = {
+        name: layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](x))) * layer.scaling[name]
+        for name in experts
+        if name in layer.lora_A
+    }
+    return base, deltas
+
+
+class AdaptedAttention(nn.Module):
+    """Replaces an encoder attention block; routes through no expert, one expert, their sum, or HL-Attn.
+
+    mode: "off" (frozen SAM), an expert name (stage-1 SSL or single-expert ablation), "sum" (A0 + sum of
+    residuals) or "fusion" (A0 + HL-Attn(residuals)).
+    """
+
+    def __init__(self, core: AttentionCore, experts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.core = core
+        self.experts = experts
+        self.mode = "off"
+        self.fusion: nn.Module | None = None
+
+    def _qkv(self, x: torch.Tensor, experts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        qkv = self.core.qkv
+        q, dq = _base_and_deltas(qkv.q, x, experts)
+        k = qkv.k(x)
+        v, dv = _base_and_deltas(qkv.v, x, experts)
+        zeros = torch.zeros_like(k)
+        deltas = {name: torch.cat([dq[name], zeros, dv[name]], dim=-1) for name in dq}
+        return torch.cat([q, k, v], dim=-1), deltas
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            qkv, _ = self._qkv(x, [])
+            return self.core.attend(qkv, x)
+        if self.mode in self.experts:
+            qkv, deltas = self._qkv(x, [self.mode])
+            return self.core.attend(qkv + deltas[self.mode], x)
+        qkv, deltas = self._qkv(x, list(self.experts))
+        base = self.core.attend(qkv, x)
+        residuals = {name: self.core.attend(qkv + d, x) - base for name, d in deltas.items()}
+        if self.mode == "sum":
+            return base + sum(residuals.values())
+        if self.mode == "fusion":
+            if self.fusion is None:
+                raise RuntimeError("mode 'fusion' needs a fusion module attached")
+            return base + self.fusion(residuals)
+        raise ValueError(f"unknown attention mode {self.mode!r}")

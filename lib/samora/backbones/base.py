@@ -1,0 +1,57 @@
+"""The interface every backbone family (SAM ViT now, SAM2 Hiera next) offers to experts, fusion and decoders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BackboneOutput:
+    """Image embedding for the decoders plus optional higher-resolution features (SAM2)."""
+
+    embedding: torch.Tensor  # (B, prompt_dim, S/16, S/16)
+    high_res: list[torch.Tensor] | None = None
+
+
+class AttentionCore(nn.Module):
+    """One encoder attention block, split so adapters can change q/k/v and re-run the rest.
+
+    `qkv` must be a module with `q`, `k`, `v` linear children (the LoRA targets); `attend(qkv_out, x)`
+    computes the block's attention output from a fused (B, ..., 3*C) projection.
+    """
+
+    width: int
+
+    def attend(self, qkv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Backbone(nn.Module):
+    """Frozen image encoder + prompt encoder + the SAM mask decoder the heads are initialised from."""
+
+    family: str
+    image_size: int
+    prompt_dim: int
+    encoder: nn.Module
+    prompt_encoder: nn.Module
+    mask_decoder: nn.Module
+
+    def attention_sites(self) -> list[nn.Module]:  # pragma: no cover - interface
+        """The AdaptedAttention modules, in depth order."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> BackboneOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def take_mask_decoder(self) -> nn.Module:
+        """Hand SAM's mask decoder to the heads (it then lives there only, so no weight is stored twice)."""
+        decoder = self.mask_decoder
+        del self.mask_decoder
+        return decoder
+
+    @property
+    def embedding_size(self) -> tuple[int, int]:
+        return (self.image_size // 16, self.image_size // 16)

@@ -1,0 +1,1 @@
+"""Decoders: SAMed-style prompt-free head, H-SAM-style two-stage head, and the prompt path."""
