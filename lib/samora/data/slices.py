@@ -1,0 +1,113 @@
+"""Volume -> 2D slice stacks for SAM (single slice repeated, or 2.5D neighbours) and resizing to/from SAM's size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CONTEXTS",
+    "informative_slices",
+    "iter_slice_batches",
+    "resize_back",
+    "resize_image",
+    "resize_label",
+    "slice_stack",
+]
+
+CONTEXTS = ("single", "2.5d")
+
+
+def informative_slices(
+    volume01: np.ndarray, axis: int, min_foreground: float = 0.05, threshold: float = 0.05
+) -> list[int]:
+    """Indices along `axis` whose fraction of voxels above `threshold` is at least `min_foreground`."""
+    volume01 = np.asarray(volume01)
+    axis = _check_axis(volume01, axis)
+    other = tuple(a for a in range(volume01.ndim) if a != axis)
+    fraction = (volume01 > threshold).mean(axis=other)
+    return [int(i) for i in np.flatnonzero(fraction >= min_foreground)]
+
+
+def slice_stack(volume01: np.ndarray, axis: int, index: int, context: str = "single") -> np.ndarray:
+    """(3, H, W) float32 input for one slice: the slice three times ("single") or slices i-1, i, i+1 ("2.5d")."""
+    volume01 = np.asarray(volume01)
+    axis = _check_axis(volume01, axis)
+    depth = volume01.shape[axis]
+    if not -depth <= index < depth:
+        raise IndexError(f"slice index {index} out of range for axis {axis} of size {depth}")
+    index = index % depth
+    if context == "single":
+        indices = [index] * 3
+    elif context == "2.5d":
+        # clamp at the ends: the first/last slice stands in for its missing neighbour
+        indices = [max(index - 1, 0), index, min(index + 1, depth - 1)]
+    else:
+        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+    # np.take keeps the remaining two axes in their original order, so (H, W) is the volume's own layout
+    return np.stack([np.take(volume01, i, axis=axis) for i in indices]).astype(np.float32, copy=False)
+
+
+def iter_slice_batches(
+    volume01: np.ndarray, axis: int, batch_size: int, context: str = "single", indices: Sequence[int] | None = None
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Yield (indices, (b, 3, H, W) float32) over every slice along `axis` in order (or the given indices)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    volume01 = np.asarray(volume01)
+    axis = _check_axis(volume01, axis)
+    order = list(range(volume01.shape[axis])) if indices is None else [int(i) for i in indices]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        yield chunk, np.stack([slice_stack(volume01, axis, i, context) for i in chunk])
+
+
+def resize_image(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of (B, C, H, W) images to (B, C, size, size), antialiased when shrinking."""
+    _check_4d(x, "x")
+    return _bilinear(x, (size, size))
+
+
+def resize_label(y: torch.Tensor, size: int) -> torch.Tensor:
+    """Nearest-neighbour resize of (B, H, W) integer labels to (B, size, size); never interpolates classes."""
+    if y.ndim != 3:
+        raise ValueError(f"labels must be (B, H, W), got shape {tuple(y.shape)}")
+    if y.is_floating_point():
+        raise TypeError(f"labels must be an integer tensor, got {y.dtype}")
+    if tuple(y.shape[-2:]) == (size, size):
+        return y.clone()
+    # "nearest-exact" samples pixel centres symmetrically; plain "nearest" shifts labels by up to half a pixel.
+    # float64 holds every int32 label exactly, so the round trip through interpolate cannot create new ids.
+    out = F.interpolate(y[:, None].to(torch.float64), size=(size, size), mode="nearest-exact")
+    return out[:, 0].round().to(y.dtype)
+
+
+def resize_back(probs: torch.Tensor, hw: tuple[int, int] | Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of (B, K, S, S) probabilities/logits back to the slice's (H, W)."""
+    _check_4d(probs, "probs")
+    return _bilinear(probs, (int(hw[0]), int(hw[1])))
+
+
+def _bilinear(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == hw:
+        return x if x.is_floating_point() else x.float()
+    x = x if x.is_floating_point() else x.float()
+    shrinking = hw[0] < x.shape[-2] or hw[1] < x.shape[-1]
+    # antialias low-pass filters before subsampling so thin structures do not alias into stripes
+    return F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+def _check_4d(x: torch.Tensor, name: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be (B, C, H, W), got shape {tuple(x.shape)}")
+
+
+def _check_axis(volume: np.ndarray, axis: int) -> int:
+    if volume.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
+    if not -3 <= axis < 3:
+        raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+    return axis % 3
