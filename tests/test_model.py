@@ -258,15 +258,32 @@ def test_config_validation_names_the_field():
 def test_model_info_cli_vit_b():
     result = subprocess.run(
         [sys.executable, "-m", "samora.cli", "model-info", "--preset", "vit_b", "--image-size", "512", "--json"],
-        capture_output=True, text=True, check=True, timeout=300,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     )
     report = json.loads(result.stdout)
     for e in EXPERTS:
         assert report["components"][f"expert_{e}"] == 147_456  # 12 blocks x (Q, V) x rank 4 x (768 + 768)
     assert report["stages"]["ssl-image"]["trainable"] == 147_456
     full = subprocess.run(
-        [sys.executable, "-m", "samora.cli", "model-info", "--preset", "vit_b", "--image-size", "512", "--json",
-         "--fusion", "full"],
-        capture_output=True, text=True, check=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "samora.cli",
+            "model-info",
+            "--preset",
+            "vit_b",
+            "--image-size",
+            "512",
+            "--json",
+            "--fusion",
+            "full",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     )
     assert report["components"]["fusion"] < json.loads(full.stdout)["components"]["fusion"]

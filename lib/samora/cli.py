@@ -39,6 +39,23 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_sample_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from samora.data import write_phantom_studies
+
+    out = Path(args.out)
+    truth = Path(args.truth) if args.truth else out.parent / f"{out.name}_truth"
+    info = write_phantom_studies(
+        out, n_labeled=args.labeled, n_unlabeled=args.unlabeled, seed=args.seed, truth_dir=truth
+    )
+    print(
+        f"sample datastore in {out}: {len(info['labeled'])} labeled, {len(info['unlabeled'])} unlabeled synthetic "
+        f"abdominal CT phantoms (labels {info['labels']}); ground truth of the unlabeled ones in {truth}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their options."""
     parser = argparse.ArgumentParser(prog="samora", description="SAMora: SAM with self-supervised LoRA experts")
@@ -51,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--num-classes", type=int, default=None, help="classes incl. background (default: 9)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=_model_info)
+    sample = sub.add_parser("make-sample-data", help="write the demo datastore of synthetic CT phantoms")
+    sample.add_argument("--out", required=True)
+    sample.add_argument("--truth", default=None, help="folder for the unlabeled studies' ground truth")
+    sample.add_argument("--labeled", type=int, default=3)
+    sample.add_argument("--unlabeled", type=int, default=3)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=_make_sample_data)
     return parser
 
 

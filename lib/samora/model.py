@@ -262,5 +262,9 @@ def _versions() -> dict[str, str]:
     import peft
     import segment_anything  # noqa: F401
 
-    return {"samora": samora.__version__, "torch": torch.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
+    return {
+        "samora": samora.__version__,
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,44 @@
+"""`samora_prompt` infer task: refine one label from clicks/boxes, with cached slice embeddings."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from samora.data import save_label
+from samora.serving.interactive import parse_prompt, refine
+from samora.serving.runtime import ModelRuntime
+
+
+class SamoraPrompt(InferTask):
+    """deepgrow-type task (3D Slicer shows SmartEdit points and ROI); 2D prompts propagated through z."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        super().__init__(
+            type=InferType.DEEPGROW,
+            labels=dict(runtime.settings.labels),
+            dimension=3,
+            description="SAMora interactive refinement from points and boxes (SAM prompt encoder, cached embeddings)",
+        )
+        self.runtime = runtime
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request) -> tuple[str, dict]:
+        start = time.perf_counter()
+        prompt = parse_prompt(request, list(self.runtime.settings.labels))
+        before = self.runtime.encoder_calls
+        mask, info = refine(self.runtime, request["image"], prompt)
+        volume, _ = self.runtime.volume(request["image"])
+        out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+        save_label(mask, volume.affine, out)
+        info.update(
+            {
+                "label_names": {prompt.label or "foreground": 1},
+                "encoded_slices": self.runtime.encoder_calls - before,
+                "latencies": {"total": round(time.perf_counter() - start, 4)},
+            }
+        )
+        return out, info

@@ -1,0 +1,147 @@
+"""`samora` trainer: stage-2 fine-tuning on the datastore's final labels; publishes a new model version."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.train import TrainTask
+from samora.engine.train import FinetuneConfig, finetune, load_labeled_cases
+from samora.serving.labels import remap_by_name
+from samora.serving.runtime import ModelRuntime
+
+from lib.trainers.stats import StatsFile
+
+log = logging.getLogger(__name__)
+
+
+def labeled_cases(datastore: Datastore) -> tuple[list[tuple[str, str, str]], dict[str, list | None]]:
+    """(case_id, image path, label path) for every final label, and each label's viewer label_info."""
+    cases, infos = [], {}
+    for image_id in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL)):
+        label_id = datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL)
+        if not label_id:
+            continue
+        info = datastore.get_label_info(label_id, DefaultLabelTag.FINAL) or {}
+        cases.append(
+            (image_id, datastore.get_image_uri(image_id), datastore.get_label_uri(label_id, DefaultLabelTag.FINAL))
+        )
+        infos[image_id] = info.get("label_info") or (info.get("params") or {}).get("label_info")
+    return cases, infos
+
+
+class SamoraFinetuneTrainer(TrainTask):
+    """Refreshes HL-Attn + decoders (+ experts on a random backbone) and the prompt path, then publishes."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        super().__init__("SAMora stage-2 fine-tuning (HL-Attn + decoders + prompt path) on final labels")
+        self.runtime = runtime
+        self.stats_file = StatsFile(runtime.store.root / "train_stats_samora.json")
+
+    def config(self) -> dict:
+        s = self.runtime.settings
+        return {"epochs": s.epochs, "batch_size": s.batch_size, "lr": s.lr, "prompt_training": True}
+
+    def stats(self) -> dict:
+        return self.stats_file.read()
+
+    def __call__(self, request, datastore: Datastore) -> dict:
+        params = self.config()
+        params.update(
+            {
+                k: type(params[k])(request[k]) if not isinstance(params[k], bool) else bool(request[k])
+                for k in params
+                if k in request
+            }
+        )
+        start = time.time()
+        cases, infos = labeled_cases(datastore)
+        if not cases:
+            raise ValueError("no final labels in the datastore: save at least one label before training")
+        labels = dict(self.runtime.settings.labels)
+        version, model = self.runtime.model()
+        config = model.config
+        train = load_labeled_cases(
+            cases,
+            config.image_size,
+            config.context,
+            label_map=lambda arr, case: remap_by_name(arr, infos[case], labels),
+        )
+        val = None
+        if len(cases) >= 3:  # hold out the last labelled study for best-epoch selection
+            held_out = cases[-1][0]
+            keep = [i for i, c in enumerate(train.case_ids) if c != held_out]
+            val = train.subset([i for i, c in enumerate(train.case_ids) if c == held_out])
+            train = train.subset(keep)
+        self.stats_file.write(
+            {
+                "status": "RUNNING",
+                "epoch": 0,
+                "total_epochs": params["epochs"],
+                "best_metric": 0,
+                "total_time": "0:00:00",
+                "start_ts": start,
+                "base_version": version,
+            }
+        )
+
+        def on_epoch(record: dict) -> None:
+            self.stats_file.write(
+                {
+                    "status": "RUNNING",
+                    "epoch": record["epoch"],
+                    "total_epochs": record["total_epochs"],
+                    "best_metric": record["best_metric"],
+                    "loss": record["loss"],
+                    "val_dice": record["val_dice"],
+                    "total_time": _hms(time.time() - start),
+                    "start_ts": start,
+                    "base_version": version,
+                }
+            )
+
+        result = finetune(
+            model,
+            train,
+            FinetuneConfig(
+                epochs=params["epochs"],
+                batch_size=params["batch_size"],
+                lr=params["lr"],
+                prompt_training=params["prompt_training"],
+                device=self.runtime.settings.device,
+            ),
+            val=val,
+            on_epoch=on_epoch,
+        )
+        data_hash = hashlib.sha256("".join(f"{c}:{i}:{lab}" for c, i, lab in cases).encode()).hexdigest()
+        new_version = self.runtime.store.publish(
+            model,
+            metadata={
+                "trained_on": [c for c, _, _ in cases],
+                "data_hash": data_hash,
+                "best_metric": result["best_metric"],
+                "history": result["history"],
+                "base_version": version,
+            },
+        )
+        final = {
+            "status": "DONE",
+            "epoch": len(result["history"]),
+            "total_epochs": params["epochs"],
+            "best_metric": result["best_metric"],
+            "total_time": _hms(time.time() - start),
+            "start_ts": start,
+            "model_version": new_version,
+            "base_version": version,
+            "labeled_studies": len(cases),
+        }
+        self.stats_file.write(final)
+        log.info("published model version %d (best dice %.4f)", new_version, result["best_metric"])
+        return final
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,89 @@
+"""SAMora MONAI Label app: SAM + hierarchical self-supervised LoRA experts for CT/MR annotation."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import samora
+import torch
+from lib.activelearning.uncertainty import UncertaintyStrategy
+from lib.infers.prompt import SamoraPrompt
+from lib.infers.segmentation import SamoraSegmentation
+from lib.scoring.uncertainty import SamoraUncertaintyScoring
+from lib.trainers.bootstrap import SamoraBootstrapTrainer
+from lib.trainers.finetune import SamoraFinetuneTrainer
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from samora.serving.runtime import ModelRuntime
+from samora.serving.settings import AppSettings
+
+log = logging.getLogger(__name__)
+
+
+class SamoraApp(MONAILabelApp):
+    """Registers the SAMora infer tasks, trainers, scoring method and strategies; all work lives in `samora`."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.settings = AppSettings.from_conf(conf)
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
+        model_dir = self.settings.model_dir or os.path.join(app_dir, "model")
+        self.runtime = ModelRuntime(self.settings, model_dir)
+        self._labels_since_training = 0
+        if not self.settings.checkpoint:
+            log.warning(
+                "No SAM checkpoint configured: running the '%s' preset with a RANDOM-INITIALISED backbone (CPU demo "
+                "quality). For real SAM weights: --conf preset vit_b --conf checkpoint /path/sam_vit_b_01ec64.pth",
+                self.settings.preset,
+            )
+        log.info("SAMora settings: %s (models in %s)", self.settings.to_dict(), model_dir)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="SAMora",
+            description="Segment Anything with hierarchical self-supervised LoRA experts (SAMora)",
+            version=samora.__version__,
+            labels=list(self.settings.labels),
+        )
+
+    def init_infers(self):
+        return {"samora": SamoraSegmentation(self.runtime), "samora_prompt": SamoraPrompt(self.runtime)}
+
+    def init_trainers(self):
+        # Order matters: 3D Slicer shows the first trainer's stats.
+        return {"samora": SamoraFinetuneTrainer(self.runtime), "samora_ssl": SamoraBootstrapTrainer(self.runtime)}
+
+    def init_strategies(self):
+        return {"uncertainty": UncertaintyStrategy(self.runtime), "random": Random(), "first": First()}
+
+    def init_scoring_methods(self):
+        return {"samora_uncertainty": SamoraUncertaintyScoring(self.runtime)}
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        if self.settings.bootstrap != "auto":
+            return
+        store = self.runtime.store
+        has_experts = store.experts_dir.is_dir() and any(store.experts_dir.glob("expert_*.safetensors"))
+        if not has_experts and self.datastore().get_unlabeled_images():
+            log.info("bootstrap: no SSL experts yet and unlabeled studies exist; queueing samora_ssl")
+            self.async_training("samora_ssl", enqueue=True)
+        if store.current_version() is None and self.datastore().get_labeled_images(DefaultLabelTag.FINAL):
+            log.info("bootstrap: final labels exist but no model version; queueing samora training")
+            self.async_training("samora", enqueue=True)
+
+    def on_save_label(self, image_id, label_id):
+        result = super().on_save_label(image_id, label_id)
+        if self.datastore().get_label_by_image_id(image_id, DefaultLabelTag.FINAL) != label_id:
+            return result
+        self._labels_since_training += 1
+        every = self.settings.train_every
+        if every and self._labels_since_training >= every:
+            self._labels_since_training = 0
+            log.info("%d new final label(s): queueing samora training", every)
+            self.async_training("samora", enqueue=True)
+        return result

@@ -1,0 +1,1 @@
+"""Stage-2 training, volume inference, uncertainty and model versioning."""

@@ -1,0 +1,89 @@
+"""Whole-volume inference: slice batches through the model, back onto the input's exact voxel grid."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from samora.data import IntensityWindow, Volume, iter_slice_batches, normalise, resize_back, resize_image
+from samora.model import SamoraModel
+
+BODY_THRESHOLD = 0.02  # normalised intensity above which a voxel counts as body (for uncertainty)
+
+
+@dataclass
+class VolumeSegmentation:
+    """Labels on the input grid, optional per-class probabilities, a body-averaged entropy and timings."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None = None
+    mean_entropy: float = float("nan")
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def normalised_volume(volume: Volume, window: IntensityWindow | None = None) -> np.ndarray:
+    """Volume scaled to [0, 1] with the given window or the modality's default."""
+    return normalise(volume.array, window or IntensityWindow.default_for(volume.modality))
+
+
+@torch.no_grad()
+def predict_slices(model: SamoraModel, stack: np.ndarray | torch.Tensor, device: str | torch.device = "cpu"):
+    """(b, 3, H, W) slices in [0, 1] -> (b, K, H, W) class probabilities at the slices' own size."""
+    x = torch.as_tensor(stack, dtype=torch.float32, device=device)
+    hw = x.shape[-2:]
+    probs = model.probabilities(model(resize_image(x, model.config.image_size)))
+    return resize_back(probs, hw).clamp_(0, 1)
+
+
+@torch.no_grad()
+def segment_volume(
+    model: SamoraModel,
+    volume: Volume,
+    window: IntensityWindow | None = None,
+    batch_size: int = 8,
+    return_probabilities: bool = False,
+    device: str | torch.device = "cpu",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> VolumeSegmentation:
+    """Segment every axial slice; memory grows with the batch, not the volume (except optional probabilities)."""
+    start = time.perf_counter()
+    model.eval()
+    axis = volume.axial_axis
+    scaled = normalised_volume(volume, window)
+    labels = np.zeros(volume.shape, dtype=np.int16)
+    k = model.config.num_classes
+    probabilities = np.zeros((k, *volume.shape), dtype=np.float16) if return_probabilities else None
+    entropy_sum, body_voxels = 0.0, 0
+    depth = volume.shape[axis]
+    done = 0
+    for indices, stack in iter_slice_batches(scaled, axis, batch_size, model.config.context):
+        probs = predict_slices(model, stack, device).cpu()
+        body = torch.as_tensor(stack[:, 1] > BODY_THRESHOLD)
+        entropy = -(probs * probs.clamp_min(1e-8).log()).sum(1)
+        entropy_sum += float(entropy[body].sum())
+        body_voxels += int(body.sum())
+        batch_labels = probs.argmax(1).numpy().astype(np.int16)
+        for j, index in enumerate(indices):
+            _put_slice(labels, axis, index, batch_labels[j])
+            if probabilities is not None:
+                for c in range(k):
+                    _put_slice(probabilities[c], axis, index, probs[j, c].numpy().astype(np.float16))
+        done += len(indices)
+        if on_batch is not None:
+            on_batch(done, depth)
+    return VolumeSegmentation(
+        labels=labels,
+        probabilities=probabilities,
+        mean_entropy=entropy_sum / max(body_voxels, 1),
+        timings={"segment_s": time.perf_counter() - start, "slices": depth},
+    )
+
+
+def _put_slice(volume: np.ndarray, axis: int, index: int, plane: np.ndarray) -> None:
+    selector = [slice(None)] * 3
+    selector[axis] = index
+    volume[tuple(selector)] = plane

@@ -1,0 +1,293 @@
+"""Stage 2: fine-tune HL-Attn + decoders (and the prompt path) on labelled slices."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandScaleIntensityd
+
+from samora.data import IntensityWindow, load_label, load_volume, normalise, resize_image, resize_label, slice_stack
+from samora.engine.losses import PromptLoss, SegmentationLoss
+from samora.engine.prompts import simulate_prompt
+from samora.model import SamoraModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage-2 optimisation settings (SAMora fine-tunes for few epochs: 20-30 in the paper)."""
+
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.05
+    ce_weight: float = 0.2
+    prompt_training: bool = True
+    augment: bool = True
+    empty_slice_fraction: float = 0.1  # share of label-free body slices kept, so the model learns "nothing here"
+    max_steps: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"invalid fine-tuning config: {asdict(self)}")
+
+
+@dataclass
+class LabeledSlices:
+    """Training slices resized to the model size: images (n, 3, S, S) float16 in [0,1], labels (n, S, S) uint8."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    case_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Sequence[int]) -> LabeledSlices:
+        """Slices at the given indices."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return LabeledSlices(self.images[idx], self.labels[idx], [self.case_ids[i] for i in idx])
+
+
+def slices_from_arrays(
+    volume01: np.ndarray,
+    labels: np.ndarray,
+    axis: int,
+    size: int,
+    context: str,
+    case_id: str,
+    empty_fraction: float = 0.1,
+    rng: np.random.Generator | None = None,
+    indices: Sequence[int] | None = None,
+) -> LabeledSlices:
+    """Labelled slices (and a share of empty body slices) of one volume, resized for the model."""
+    rng = rng or np.random.default_rng(0)
+    depth = volume01.shape[axis]
+    candidates = list(range(depth)) if indices is None else list(indices)
+    chosen = []
+    for i in candidates:
+        if np.take(labels, i, axis=axis).any():
+            chosen.append(i)
+        elif (np.take(volume01, i, axis=axis) > 0.05).mean() > 0.05 and rng.random() < empty_fraction:
+            chosen.append(i)
+    if not chosen:
+        return LabeledSlices(np.zeros((0, 3, size, size), np.float16), np.zeros((0, size, size), np.uint8), [])
+    images = torch.as_tensor(np.stack([slice_stack(volume01, axis, i, context) for i in chosen]))
+    masks = torch.as_tensor(np.stack([np.take(labels, i, axis=axis) for i in chosen]).astype(np.int64))
+    return LabeledSlices(
+        resize_image(images, size).clamp(0, 1).numpy().astype(np.float16),
+        resize_label(masks, size).numpy().astype(np.uint8),
+        [case_id] * len(chosen),
+    )
+
+
+def load_labeled_cases(
+    cases: Sequence[tuple[str, str, str]],
+    size: int,
+    context: str = "single",
+    label_map: Callable[[np.ndarray, str], np.ndarray] | None = None,
+    window: IntensityWindow | None = None,
+    empty_fraction: float = 0.1,
+    seed: int = 0,
+) -> LabeledSlices:
+    """Read (case_id, image_path, label_path) triples one at a time into training slices."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for case_id, image_path, label_path in cases:
+        volume = load_volume(image_path)
+        labels, _ = load_label(label_path, like=volume)
+        if label_map is not None:
+            labels = label_map(labels, case_id)
+        scaled = normalise(volume.array, window or IntensityWindow.default_for(volume.modality))
+        parts.append(slices_from_arrays(scaled, labels, volume.axial_axis, size, context, case_id, empty_fraction, rng))
+    return concat_slices(parts, size)
+
+
+def concat_slices(parts: Sequence[LabeledSlices], size: int) -> LabeledSlices:
+    """Join several LabeledSlices."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return LabeledSlices(np.zeros((0, 3, size, size), np.float16), np.zeros((0, size, size), np.uint8), [])
+    return LabeledSlices(
+        np.concatenate([p.images for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        [c for p in parts for c in p.case_ids],
+    )
+
+
+def _augmenter(seed: int) -> Compose:
+    # Small geometric/intensity changes only: flips would swap left/right organs.
+    transform = Compose(
+        [
+            RandAffined(
+                keys=("image", "label"),
+                prob=0.5,
+                rotate_range=0.15,
+                scale_range=0.1,
+                translate_range=8,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.3),
+            RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
+        ]
+    )
+    transform.set_random_state(seed=seed)
+    return transform
+
+
+def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** 0.9
+
+    return schedule
+
+
+@torch.no_grad()
+def evaluate_slices(model: SamoraModel, data: LabeledSlices, batch_size: int = 8, device: str = "cpu") -> float:
+    """Mean foreground Dice over classes present in `data` (computed on the whole set, per class)."""
+    model.eval()
+    k = model.config.num_classes
+    inter = np.zeros(k)
+    total = np.zeros(k)
+    for start in range(0, len(data), batch_size):
+        x = torch.as_tensor(data.images[start : start + batch_size], dtype=torch.float32, device=device)
+        y = torch.as_tensor(data.labels[start : start + batch_size].astype(np.int64))
+        pred = model.probabilities(model(x)).argmax(1).cpu()
+        for c in range(1, k):
+            p, t = pred == c, y == c
+            inter[c] += float((p & t).sum())
+            total[c] += float(p.sum() + t.sum())
+    present = [c for c in range(1, k) if (data.labels == c).any()]
+    if not present:
+        return math.nan
+    return float(np.mean([2 * inter[c] / total[c] for c in present]))
+
+
+def _prompt_loss(model, emb, labels, rng, loss_fn) -> torch.Tensor | None:
+    """Simulate one prompt per slice; boxes and point sets decode as two groups (uniform prompt tensors)."""
+    prompts = [simulate_prompt(labels[i], rng) for i in range(len(labels))]
+    groups: dict[bool, list[int]] = {True: [], False: []}
+    for i, p in enumerate(prompts):
+        if p is not None:
+            groups[p.box is not None].append(i)
+    losses = []
+    for is_box, idx in groups.items():
+        if not idx:
+            continue
+        chosen = [prompts[i] for i in idx]
+        sub = emb[idx]
+        if is_box:
+            out = model.prompt(sub, boxes=torch.stack([p.box for p in chosen]).to(emb.device))
+        else:
+            coords = torch.stack([p.coords for p in chosen]).to(emb.device)
+            point_labels = torch.stack([p.point_labels for p in chosen]).to(emb.device)
+            out = model.prompt(sub, points=(coords, point_labels))
+        logits = model.prompt_head.best_mask(out)
+        target = torch.stack([p.target for p in chosen])[:, None].to(emb.device)
+        losses.append(loss_fn(logits, target) * len(idx))
+    return sum(losses) / len(prompts) if losses else None
+
+
+def finetune(
+    model: SamoraModel,
+    train: LabeledSlices,
+    config: FinetuneConfig,
+    val: LabeledSlices | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict:
+    """Train the stage-2 parameters; keep the weights of the best validation epoch. Returns the history."""
+    if len(train) == 0:
+        raise ValueError("no labelled slices to train on: every label volume is empty")
+    device = torch.device(config.device)
+    model.to(device)
+    model.set_stage("finetune")
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total, max(1, int(total * config.warmup_fraction)))
+    )
+    seg_loss = SegmentationLoss(config.ce_weight)
+    prompt_loss = PromptLoss()
+    augment = _augmenter(config.seed) if config.augment else None
+    rng = np.random.default_rng(config.seed)
+    hsam = model.config.decoder == "hsam"
+    has_prompt = config.prompt_training and model.prompt_head is not None
+    history: list[dict] = []
+    best = {"metric": -math.inf, "epoch": -1, "state": None}
+    step = 0
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        model.train()
+        order = rng.permutation(len(train))
+        losses = []
+        for b in range(0, len(order), config.batch_size):
+            idx = order[b : b + config.batch_size]
+            x = torch.as_tensor(train.images[idx], dtype=torch.float32)
+            y = torch.as_tensor(train.labels[idx].astype(np.int64))
+            if augment is not None:
+                pairs = [augment({"image": x[i], "label": y[i][None].float()}) for i in range(len(idx))]
+                x = torch.stack([torch.as_tensor(p["image"]) for p in pairs]).clamp(0, 1)
+                y = torch.stack([torch.as_tensor(p["label"])[0] for p in pairs]).round().long()
+            x, y = x.to(device), y.to(device)
+            emb = model.encode(x)
+            loss = seg_loss(model.decode(emb), y, epoch, hsam)
+            if has_prompt:
+                extra = _prompt_loss(model, emb, y.cpu(), rng, prompt_loss)
+                if extra is not None:
+                    loss = loss + extra
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            if step >= total or (should_stop and should_stop()):
+                break
+        metric = evaluate_slices(model, val if val is not None and len(val) else train, config.batch_size, device)
+        record = {
+            "epoch": epoch + 1,
+            "total_epochs": config.epochs,
+            "loss": float(np.mean(losses)),
+            "val_dice": metric,
+            "step": step,
+            "elapsed_s": time.perf_counter() - start,
+        }
+        history.append(record)
+        log.info("epoch %d/%d loss %.4f val dice %.4f", epoch + 1, config.epochs, record["loss"], metric)
+        if not math.isnan(metric) and metric > best["metric"]:
+            best = {"metric": metric, "epoch": epoch + 1, "state": copy.deepcopy(model.saved_state())}
+        if on_epoch is not None:
+            on_epoch({**record, "best_metric": best["metric"]})
+        if step >= total or (should_stop and should_stop()):
+            break
+    if best["state"] is not None:
+        model.load_state_dict(best["state"], strict=False)
+    model.set_stage("inference")
+    model.eval()
+    return {
+        "history": history,
+        "best_metric": best["metric"],
+        "best_epoch": best["epoch"],
+        "steps": step,
+        "total_time": time.perf_counter() - start,
+    }

@@ -1,0 +1,1 @@
+"""What the MONAI Label app needs, testable without a server: settings, model runtime, prompts, label remapping."""

@@ -1,0 +1,225 @@
+"""Interactive refinement: viewer prompts (3D Slicer deepgrow/deepedit, OHIF) -> one label, propagated in z."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from samora.data import resize_back
+
+
+class PromptError(ValueError):
+    """A prompt is malformed or outside the volume; the message names what."""
+
+
+@dataclass
+class Prompt:
+    """Clicks and an optional box, in voxel indices (i, j, k) of the image array."""
+
+    label: str | None
+    foreground: list[tuple[int, int, int]] = field(default_factory=list)
+    background: list[tuple[int, int, int]] = field(default_factory=list)
+    roi: tuple[int, int, int, int, int, int] | None = None  # i0, i1, j0, j1, k0, k1 (any corner order)
+    slice: int | None = None
+
+
+def _points(value, name: str) -> list[tuple[int, int, int]]:
+    if value in (None, ""):
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise PromptError(f"{name}: expected a list of [i, j, k] points, got {type(value).__name__}")
+    out = []
+    for p in value:
+        if not isinstance(p, (list, tuple)) or len(p) < 3:
+            raise PromptError(f"{name}: point {p!r} is not [i, j, k]")
+        try:
+            out.append((int(round(float(p[0]))), int(round(float(p[1]))), int(round(float(p[2])))))
+        except (TypeError, ValueError) as e:
+            raise PromptError(f"{name}: point {p!r} has non-numeric coordinates") from e
+    return out
+
+
+def parse_prompt(params: dict, label_names: list[str]) -> Prompt:
+    """Accept 3D Slicer's deepgrow form, its deepedit per-label lists, and OHIF's points/point_labels."""
+    label = params.get("label")
+    if label is not None and not isinstance(label, str):
+        raise PromptError(f"label: expected a name, got {label!r}")
+    foreground = _points(params.get("foreground"), "foreground")
+    background = _points(params.get("background"), "background")
+    # deepedit: {"liver": [[i,j,k]], "spleen": [], "label": "liver"}; take the current label's clicks
+    per_label = {k: v for k, v in params.items() if k in label_names and isinstance(v, list)}
+    if per_label and not foreground:
+        if label is None:
+            non_empty = [k for k, v in per_label.items() if v]
+            label = non_empty[0] if len(non_empty) == 1 else label
+        if label in per_label:
+            foreground = _points(per_label[label], label)
+        background += [p for k, v in per_label.items() if k != label for p in _points(v, k)]
+    # OHIF: points [[i,j,k],...] with point_labels [1,0,...]
+    if "points" in params:
+        pts = _points(params.get("points"), "points")
+        flags = params.get("point_labels") or [1] * len(pts)
+        if len(flags) != len(pts):
+            raise PromptError(f"point_labels: {len(flags)} labels for {len(pts)} points")
+        foreground += [p for p, f in zip(pts, flags, strict=True) if int(f) == 1]
+        background += [p for p, f in zip(pts, flags, strict=True) if int(f) != 1]
+    roi = params.get("roi")
+    if roi not in (None, [], ""):
+        if not isinstance(roi, (list, tuple)) or len(roi) != 6:
+            raise PromptError(f"roi: expected [i0, i1, j0, j1, k0, k1], got {roi!r}")
+        try:
+            roi = tuple(int(round(float(v))) for v in roi)
+        except (TypeError, ValueError) as e:
+            raise PromptError(f"roi: {roi!r} has non-numeric values") from e
+    else:
+        roi = None
+    if label is not None and label not in label_names:
+        raise PromptError(f"label: unknown label {label!r}; known labels are {label_names}")
+    if not foreground and roi is None:
+        raise PromptError("prompt needs at least one foreground point or an roi box")
+    slice_index = params.get("slice")
+    return Prompt(label, foreground, background, roi, int(slice_index) if slice_index not in (None, "") else None)
+
+
+def check_inside(prompt: Prompt, shape: tuple[int, int, int]) -> None:
+    """Raise PromptError if any click or box corner lies outside the volume."""
+    for name, pts in (("foreground", prompt.foreground), ("background", prompt.background)):
+        for p in pts:
+            if not all(0 <= c < s for c, s in zip(p, shape, strict=True)):
+                raise PromptError(f"{name} point {list(p)} is outside the volume of shape {list(shape)}")
+    if prompt.roi is not None:
+        for axis in range(3):
+            lo, hi = sorted(prompt.roi[2 * axis : 2 * axis + 2])
+            if hi < 0 or lo >= shape[axis]:
+                raise PromptError(f"roi {list(prompt.roi)} lies outside the volume of shape {list(shape)}")
+
+
+@dataclass
+class SlicePrompt:
+    """Prompt for one slice in model pixels: points (N,2) x,y with labels, and/or a box x0,y0,x1,y1."""
+
+    coords: np.ndarray
+    labels: np.ndarray
+    box: np.ndarray | None
+
+
+def _in_plane(axis: int) -> tuple[int, int]:
+    rows, cols = [a for a in range(3) if a != axis]
+    return rows, cols
+
+
+def slice_prompts(prompt: Prompt, axis: int, shape: tuple[int, int, int], size: int) -> dict[int, SlicePrompt]:
+    """Group clicks by slice along `axis` and map (row, col) voxels to model pixels (x = col, y = row)."""
+    rows, cols = _in_plane(axis)
+    sy, sx = size / shape[rows], size / shape[cols]
+    by_slice: dict[int, list[tuple[float, float, int]]] = {}
+    for flag, pts in ((1, prompt.foreground), (0, prompt.background)):
+        for p in pts:
+            by_slice.setdefault(p[axis], []).append(((p[cols] + 0.5) * sx, (p[rows] + 0.5) * sy, flag))
+    box = None
+    if prompt.roi is not None:
+        r0, r1 = sorted(prompt.roi[2 * rows : 2 * rows + 2])
+        c0, c1 = sorted(prompt.roi[2 * cols : 2 * cols + 2])
+        r0, c0 = max(r0, 0), max(c0, 0)
+        r1, c1 = min(r1, shape[rows] - 1), min(c1, shape[cols] - 1)
+        box = np.array([c0 * sx, r0 * sy, (c1 + 1) * sx, (r1 + 1) * sy], dtype=np.float32)
+        k0, k1 = sorted(prompt.roi[2 * axis : 2 * axis + 2])
+        if not by_slice:
+            centre = prompt.slice if prompt.slice is not None else (k0 + k1) // 2
+            by_slice[min(max(centre, 0), shape[axis] - 1)] = []
+    out = {}
+    for k, pts in by_slice.items():
+        coords = np.array([[x, y] for x, y, _ in pts], dtype=np.float32).reshape(-1, 2)
+        labels = np.array([f for _, _, f in pts], dtype=np.float32)
+        out[int(k)] = SlicePrompt(coords, labels, box)
+    return out
+
+
+def mask_to_prompt(mask: np.ndarray) -> SlicePrompt | None:
+    """Box + centroid click from a mask in model pixels (propagation to the next slice)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
+    # the pixel nearest the centroid that is inside the mask (centroids of C-shapes fall outside)
+    cy, cx = ys.mean(), xs.mean()
+    i = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
+    return SlicePrompt(np.array([[xs[i] + 0.5, ys[i] + 0.5]], np.float32), np.ones(1, np.float32), box)
+
+
+@torch.no_grad()
+def decode_slice_prompt(model, embedding: torch.Tensor, prompt: SlicePrompt, hw: tuple[int, int]) -> np.ndarray:
+    """Binary mask (H, W) on the slice grid for one slice prompt on a cached embedding."""
+    device = embedding.device
+    kwargs = {}
+    if len(prompt.coords):
+        kwargs["points"] = (
+            torch.as_tensor(prompt.coords, device=device)[None],
+            torch.as_tensor(prompt.labels, device=device)[None],
+        )
+    if prompt.box is not None:
+        kwargs["boxes"] = torch.as_tensor(prompt.box, device=device)[None]
+    out = model.prompt(embedding, **kwargs)
+    single_click = prompt.box is None and len(prompt.coords) == 1
+    logits = model.prompt_head.best_mask(out, multimask=single_click and model.config.checkpoint is not None)
+    return (resize_back(logits, hw)[0, 0] > 0).cpu().numpy()
+
+
+def refine(
+    runtime, path: str, prompt: Prompt, max_propagation: int = 64, min_pixels: int = 4
+) -> tuple[np.ndarray, dict]:
+    """Segment the prompted slices, then propagate slice by slice (box + click from the previous mask)."""
+    version, model = runtime.model()
+    volume, _ = runtime.volume(path)
+    check_inside(prompt, volume.shape)
+    axis = volume.axial_axis
+    rows, cols = _in_plane(axis)
+    hw = (volume.shape[rows], volume.shape[cols])
+    size = model.config.image_size
+    out = np.zeros(volume.shape, dtype=np.uint8)
+    seeds = slice_prompts(prompt, axis, volume.shape, size)
+    depth = volume.shape[axis]
+    if prompt.roi is not None:
+        z_lo, z_hi = sorted(prompt.roi[2 * axis : 2 * axis + 2])
+        z_lo, z_hi = max(z_lo, 0), min(z_hi, depth - 1)
+        if z_lo == z_hi:  # a 2D box drawn on one slice: allow propagation beyond it
+            z_lo, z_hi = 0, depth - 1
+    else:
+        z_lo, z_hi = 0, depth - 1
+    done: set[int] = set()
+
+    def put(k: int, mask: np.ndarray) -> None:
+        selector = [slice(None)] * 3
+        selector[axis] = k
+        out[tuple(selector)] = np.maximum(out[tuple(selector)], mask.astype(np.uint8))
+
+    for k, sp in sorted(seeds.items()):
+        mask = decode_slice_prompt(model, runtime.slice_embedding(path, k), sp, hw)
+        put(k, mask)
+        done.add(k)
+    for k in sorted(seeds):
+        for step in (1, -1):
+            selector = [slice(None)] * 3
+            selector[axis] = k
+            previous = out[tuple(selector)]
+            z = k + step
+            for _ in range(max_propagation):
+                if z < z_lo or z > z_hi or z in done:
+                    break
+                small = torch.as_tensor(previous[None, None].astype(np.float32))
+                prev_model = torch.nn.functional.interpolate(small, size=(size, size), mode="nearest")[0, 0].numpy()
+                seed = mask_to_prompt(prev_model > 0.5)
+                if seed is None or previous.sum() < min_pixels:
+                    break
+                mask = decode_slice_prompt(model, runtime.slice_embedding(path, z), seed, hw)
+                # stop when the structure vanishes or jumps (little overlap with the previous slice)
+                overlap = np.logical_and(mask, previous).sum() / max(previous.sum(), 1)
+                if mask.sum() < min_pixels or overlap < 0.2:
+                    break
+                put(z, mask)
+                done.add(z)
+                previous = mask.astype(np.uint8)
+                z += step
+    return out, {"model_version": version, "slices": sorted(done), "label": prompt.label}

@@ -1,0 +1,33 @@
+"""Label remapping: viewers number segments in their own order; classes are matched by name."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class LabelMappingError(ValueError):
+    """A label volume cannot be mapped onto the model's classes; the message names the values."""
+
+
+def remap_by_name(labels: np.ndarray, label_info: list[dict] | None, model_labels: dict[str, int]) -> np.ndarray:
+    """Map a viewer's label values to the model's indices using [{"name", "idx"}]; unknown names become 0.
+
+    Without label_info the values are taken as model indices already, and values outside them are an error.
+    """
+    labels = np.asarray(labels)
+    out = np.zeros(labels.shape, dtype=np.uint8)
+    if not label_info:
+        valid = set(model_labels.values()) | {0}
+        unknown = sorted(set(np.unique(labels).tolist()) - valid)
+        if unknown:
+            raise LabelMappingError(f"label values {unknown} are not among the configured labels {model_labels}")
+        return labels.astype(np.uint8)
+    lookup = {name.lower(): idx for name, idx in model_labels.items()}
+    for entry in label_info:
+        name, idx = str(entry.get("name", "")), entry.get("idx")
+        if idx is None:
+            continue
+        target = lookup.get(name.lower())
+        if target is not None:
+            out[labels == int(idx)] = target
+    return out

@@ -1,0 +1,140 @@
+"""App settings from MONAI Label's `--conf key value` strings, with defaults and validation."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+from samora.backbones.presets import PRESETS
+from samora.config import DEFAULT_LABELS, ModelConfig
+
+
+class SettingsError(ValueError):
+    """A --conf value is invalid; the message names the key."""
+
+
+def _bool(key: str, value: str) -> bool:
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"conf {key}: {value!r} is not a boolean (true/false)")
+
+
+def parse_labels(value: str | dict) -> dict[str, int]:
+    """Labels from JSON ({"liver": 1}) or "liver=1,spleen=2"; names unique, indices distinct and >= 1."""
+    if isinstance(value, dict):
+        labels = value
+    else:
+        text = value.strip()
+        try:
+            labels = (
+                json.loads(text)
+                if text.startswith("{")
+                else dict(
+                    (part.split("=")[0].strip(), part.split("=")[1].strip()) for part in text.split(",") if part.strip()
+                )
+            )
+        except (ValueError, IndexError) as e:
+            raise SettingsError(f"conf labels: {value!r} is neither JSON nor name=index pairs") from e
+    try:
+        out = {str(k): int(v) for k, v in labels.items()}
+    except (TypeError, ValueError) as e:
+        raise SettingsError(f"conf labels: indices must be integers, got {labels}") from e
+    if not out or any(v < 1 for v in out.values()) or len(set(out.values())) != len(out):
+        raise SettingsError(f"conf labels: need distinct indices >= 1, got {out}")
+    return out
+
+
+@dataclass
+class AppSettings:
+    """Every conf key the SAMora app understands (README lists them with these defaults)."""
+
+    preset: str = "tiny"
+    image_size: int = 128
+    checkpoint: str | None = None
+    labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
+    decoder: str = "samed"
+    fusion: str = "reduced"
+    device: str = "cpu"
+    train_every: int = 1
+    bootstrap: str = "auto"  # auto | off
+    model_dir: str | None = None
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 3e-3
+    ssl_steps: int = 150  # per expert, for the bootstrap
+    ssl_batch_size: int = 8
+    context: str = "single"
+    infer_batch_size: int = 8
+    threads: int = 0  # torch threads in the server process; 0 keeps torch's default
+    finetune_experts: str = "auto"  # auto: train the LoRAs in stage 2 only on a random (checkpoint-less) backbone
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, str]) -> AppSettings:
+        """Parse MONAI Label conf strings; unknown keys are ignored (MONAI Label passes its own too)."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict = {}
+        for key, raw in conf.items():
+            if key not in known or raw is None:
+                continue
+            default = getattr(cls(), key) if key != "labels" else None
+            if key == "labels":
+                values[key] = parse_labels(raw)
+            elif key in ("checkpoint", "model_dir"):
+                values[key] = str(raw) if str(raw).strip() not in ("", "none", "None") else None
+            elif isinstance(default, bool):
+                values[key] = _bool(key, raw)
+            elif isinstance(default, int):
+                try:
+                    values[key] = int(raw)
+                except ValueError as e:
+                    raise SettingsError(f"conf {key}: {raw!r} is not an integer") from e
+            elif isinstance(default, float):
+                try:
+                    values[key] = float(raw)
+                except ValueError as e:
+                    raise SettingsError(f"conf {key}: {raw!r} is not a number") from e
+            else:
+                values[key] = str(raw).strip().lower() if key == "finetune_experts" else str(raw)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise SettingsError naming the first bad key."""
+        if self.preset not in PRESETS:
+            raise SettingsError(f"conf preset: {self.preset!r} is not one of {sorted(PRESETS)}")
+        if self.bootstrap not in ("auto", "off"):
+            raise SettingsError(f"conf bootstrap: {self.bootstrap!r} must be auto or off")
+        if self.train_every < 0:
+            raise SettingsError("conf train_every: must be >= 0 (0 disables automatic training)")
+        if self.finetune_experts not in ("auto", "true", "false"):
+            raise SettingsError(f"conf finetune_experts: {self.finetune_experts!r} must be auto, true or false")
+        if self.checkpoint and not os.path.isfile(self.checkpoint):
+            raise SettingsError(f"conf checkpoint: {self.checkpoint} does not exist")
+        try:
+            self.model_config()
+        except ValueError as e:
+            raise SettingsError(f"conf: {e}") from e
+
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig these settings describe."""
+        return ModelConfig(
+            preset=self.preset,
+            image_size=self.image_size,
+            checkpoint=self.checkpoint,
+            labels=dict(self.labels),
+            decoder=self.decoder,
+            fusion=self.fusion,
+            context=self.context,
+            finetune_experts=self.checkpoint is None
+            if self.finetune_experts == "auto"
+            else self.finetune_experts == "true",
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-friendly view (logged at start)."""
+        return asdict(self)

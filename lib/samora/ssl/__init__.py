@@ -1,0 +1,47 @@
+"""Stage 1: hierarchical self-supervised objectives that train the image, patch and pixel LoRA experts."""
+
+from samora.ssl.experts_io import (
+    EXPERT_FORMAT,
+    ExpertFileError,
+    expert_paths,
+    load_experts,
+    read_expert_metadata,
+    save_expert,
+    trained_levels,
+    verify_expert,
+)
+from samora.ssl.objectives import (
+    OBJECTIVES,
+    ContrastiveObjective,
+    DenoisingObjective,
+    MaskedImageObjective,
+    SSLObjective,
+    TeacherError,
+    build_objective,
+    load_teacher,
+    nt_xent,
+)
+from samora.ssl.trainer import SSLSettings, pretrain, train_expert
+
+__all__ = [
+    "EXPERT_FORMAT",
+    "OBJECTIVES",
+    "ContrastiveObjective",
+    "DenoisingObjective",
+    "ExpertFileError",
+    "MaskedImageObjective",
+    "SSLObjective",
+    "SSLSettings",
+    "TeacherError",
+    "build_objective",
+    "expert_paths",
+    "load_experts",
+    "load_teacher",
+    "nt_xent",
+    "pretrain",
+    "read_expert_metadata",
+    "save_expert",
+    "train_expert",
+    "trained_levels",
+    "verify_expert",
+]

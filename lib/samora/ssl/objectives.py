@@ -1,0 +1,458 @@
+"""The three stage-1 objectives (METHOD.md §3), each with its small head; only the active expert and its head train.
+
+- image level: SimCLR-style contrastive learning (NT-Xent on pooled neck features), optional teacher distillation;
+- patch level: masked image modelling (MAE family) with a learned mask token and a light per-patch pixel decoder;
+- pixel level: a denoising autoencoder with a light convolutional decoder from the neck embedding to full size.
+
+An objective has two halves: a picklable `preparer` that turns one cached slice into the training inputs on the
+data-loader side (augmentation, corruption), and `forward(model, batch, generator)` that computes the loss on the
+model's device. Randomness in forward comes only from `generator`, so a step is reproducible from its seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samora.ssl.augment import SeededAugment, contrastive_views, denoising_corruption, geometric_jitter
+
+__all__ = [
+    "OBJECTIVES",
+    "ContrastiveObjective",
+    "DenoisingObjective",
+    "MaskedImageObjective",
+    "SSLObjective",
+    "TeacherError",
+    "build_objective",
+    "load_teacher",
+    "normalise_patches",
+    "nt_xent",
+    "patchify",
+    "random_token_mask",
+]
+
+log = logging.getLogger(__name__)
+
+# Level -> objective name recorded in the expert metadata.
+OBJECTIVES: dict[str, str] = {
+    "image": "contrastive-ntxent",
+    "patch": "masked-image-modelling",
+    "pixel": "denoising-autoencoder",
+}
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TeacherError(ValueError):
+    """A distillation teacher is unusable (wrong file, wrong architecture, or visibly untrained)."""
+
+
+# ----- small functional pieces ---------------------------------------------------------------------------------
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.15) -> torch.Tensor:
+    """NT-Xent (SimCLR) loss: each view must pick its partner among the other 2B-1 embeddings."""
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"expected two (B, D) projections of equal shape, got {tuple(z1.shape)}, {tuple(z2.shape)}")
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    logits = z @ z.t() / temperature
+    # A view is trivially most similar to itself: exclude the diagonal from the softmax.
+    logits = logits.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+    partner = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(logits, partner)
+
+
+def patchify(images: torch.Tensor, patch: int = 16) -> torch.Tensor:
+    """(B, C, S, S) -> (B, S/p, S/p, p*p*C), laid out on the same (row, column) grid as the ViT's patch tokens."""
+    b, c, h, w = images.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image {h}x{w} is not divisible by the patch size {patch}")
+    gh, gw = h // patch, w // patch
+    x = images.reshape(b, c, gh, patch, gw, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh, gw, patch * patch * c)
+
+
+def unpatchify(patches: torch.Tensor, patch: int = 16, channels: int = 3) -> torch.Tensor:
+    """Inverse of patchify: (B, H, W, p*p*C) -> (B, C, H*p, W*p)."""
+    b, gh, gw, _ = patches.shape
+    x = patches.reshape(b, gh, gw, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * patch, gw * patch)
+
+
+def normalise_patches(patches: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Zero-mean, unit-variance pixels within each patch (MAE's normalised-pixel target)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True, unbiased=False)
+    # eps = 1e-4 (std floor 0.01, ~2.5 grey levels of the uint8 cache) keeps quantisation noise in flat patches
+    # from being blown up into unit-variance targets that nothing could predict.
+    return (patches - mean) / torch.sqrt(var + eps)
+
+
+def random_token_mask(
+    batch: int, height: int, width: int, ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Boolean (B, H, W) mask with exactly round(ratio * H * W) True (masked) tokens per image."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
+    n = height * width
+    n_masked = min(n - 1, max(1, round(ratio * n)))
+    noise = torch.rand(batch, n, generator=generator)
+    ranks = noise.argsort(dim=1).argsort(dim=1)
+    return (ranks < n_masked).reshape(batch, height, width)
+
+
+# ----- per-sample preparation (runs in the data loader) ---------------------------------------------------------
+
+
+class ContrastivePreparer:
+    """Two independently augmented views of a slice."""
+
+    def __init__(self, augment: SeededAugment) -> None:
+        self.augment = augment
+
+    def __call__(self, image: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+        return tuple(self.augment.views(image, seed, n=2))
+
+
+class ReconstructionPreparer:
+    """A lightly augmented slice (rot90/flip), or the slice itself."""
+
+    def __init__(self, augment: SeededAugment | None) -> None:
+        self.augment = augment
+
+    def __call__(self, image: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+        return (self.augment(image, seed) if self.augment is not None else image,)
+
+
+class DenoisingPreparer:
+    """(clean target, corrupted input): the corruption is applied to the (optionally flipped) clean slice."""
+
+    def __init__(self, geometry: SeededAugment | None, corruption: SeededAugment) -> None:
+        self.geometry = geometry
+        self.corruption = corruption
+
+    def __call__(self, image: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+        clean = self.geometry(image, seed) if self.geometry is not None else image
+        # a different stream than the geometry's, so the noise is not correlated with the flip draw
+        return clean, self.corruption(clean, seed + 1)
+
+
+# ----- objectives -----------------------------------------------------------------------------------------------
+
+
+class SSLObjective(nn.Module):
+    """One stage-1 objective: the head's parameters train together with the expert of `level`."""
+
+    level: str = ""
+    preparer: Any
+
+    def forward(
+        self, model: nn.Module, batch: Sequence[torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
+        """Loss terms; "loss" is what is minimised."""
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """Hyper-parameters recorded in the expert metadata."""
+        return {}
+
+
+class ContrastiveObjective(SSLObjective):
+    """Image level: pooled neck features of two views -> projection MLP -> NT-Xent (+ optional distillation)."""
+
+    level = "image"
+
+    def __init__(
+        self,
+        embed_channels: int,
+        image_size: int,
+        temperature: float = 0.15,
+        projection_dim: int = 128,
+        hidden_dim: int = 256,
+        teacher: nn.Module | None = None,
+        distill_weight: float = 1.0,
+        crop_scale: tuple[float, float] = (0.6, 1.0),
+    ) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.distill_weight = distill_weight
+        self.projector = nn.Sequential(
+            nn.Linear(embed_channels, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, projection_dim),
+        )
+        self.preparer = ContrastivePreparer(contrastive_views(image_size, crop_scale=crop_scale))
+        # Kept in a tuple so the frozen teacher is neither trained, nor saved with the head, nor moved by .to().
+        self._teacher: tuple[nn.Module, ...] = ()
+        self.distill: nn.Module | None = None
+        if teacher is not None:
+            check_teacher(teacher)
+            teacher.eval().requires_grad_(False)
+            self._teacher = (teacher,)
+            self.distill = nn.Linear(embed_channels, _teacher_width(teacher))
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen distillation teacher, if any."""
+        return self._teacher[0] if self._teacher else None
+
+    def forward(
+        self, model: nn.Module, batch: Sequence[torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        view1, view2 = batch
+        b = view1.shape[0]
+        views = torch.cat([view1, view2])
+        pooled = model.encode(views).mean(dim=(2, 3))
+        z = self.projector(pooled)
+        contrastive = nt_xent(z[:b], z[b:], self.temperature)
+        out = {"loss": contrastive, "ntxent": contrastive.detach()}
+        teacher = self.teacher
+        if teacher is not None and self.distill is not None:
+            teacher = teacher.to(views.device)
+            mean = torch.tensor(_IMAGENET_MEAN, device=views.device).view(1, 3, 1, 1)
+            std = torch.tensor(_IMAGENET_STD, device=views.device).view(1, 3, 1, 1)
+            with torch.no_grad():
+                target = teacher((views - mean) / std).flatten(1)
+            distill = (1.0 - F.cosine_similarity(self.distill(pooled), target, dim=1)).mean()
+            out["loss"] = contrastive + self.distill_weight * distill
+            out["distill"] = distill.detach()
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "distill_weight": self.distill_weight if self.teacher else 0.0}
+
+
+class MaskedImageObjective(SSLObjective):
+    """Patch level: mask ~75% of patch tokens, run the expert-adapted blocks, predict masked patches' pixels."""
+
+    level = "patch"
+
+    def __init__(
+        self,
+        width: int,
+        patch_size: int = 16,
+        channels: int = 3,
+        mask_ratio: float = 0.75,
+        hidden_dim: int = 256,
+        augment: bool = True,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.channels = channels
+        self.mask_ratio = mask_ratio
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.decoder = nn.Sequential(
+            nn.LayerNorm(width),
+            nn.Linear(width, hidden_dim),
+            nn.GELU(),
+            nn.Linear(hidden_dim, patch_size * patch_size * channels),
+        )
+        # Zero output at start: the first loss is exactly the target's variance (1 per non-flat patch), so any
+        # fall below it is learned structure, not the decoder shrinking a random initial guess.
+        nn.init.zeros_(self.decoder[-1].weight)
+        nn.init.zeros_(self.decoder[-1].bias)
+        self.preparer = ReconstructionPreparer(geometric_jitter() if augment else None)
+
+    def forward(
+        self, model: nn.Module, batch: Sequence[torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        (images,) = batch
+        encoder = model.backbone.encoder
+        if not all(hasattr(encoder, name) for name in ("patch_embed", "pos_embed", "blocks")):
+            raise NotImplementedError("masked image modelling needs a ViT encoder with patch_embed/pos_embed/blocks")
+        tokens = encoder.patch_embed(images)  # (B, H, W, C), row-major over the image like patchify()
+        b, h, w, _ = tokens.shape
+        mask = random_token_mask(b, h, w, self.mask_ratio, generator).to(tokens.device)
+        # The mask token replaces the patch content but still receives the position embedding, so every masked
+        # token knows where it sits (the decoder predicts per position).
+        tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
+        if encoder.pos_embed is not None:
+            tokens = tokens + encoder.pos_embed
+        for block in encoder.blocks:
+            tokens = block(tokens)
+        prediction = self.decoder(tokens)
+        # Prediction and target share the (B, H, W) grid, and one boolean mask selects both: the same tokens are
+        # compared in the same order (the reference code gathered them in two different orders, METHOD §7 bug 3).
+        target = normalise_patches(patchify(images, self.patch_size))
+        per_patch = (prediction - target).pow(2).mean(dim=-1)
+        loss = per_patch[mask].mean()
+        return {"loss": loss}
+
+    def settings(self) -> dict[str, Any]:
+        return {"mask_ratio": self.mask_ratio, "patch_size": self.patch_size}
+
+
+class DenoisingObjective(SSLObjective):
+    """Pixel level: encode a noisy, blurred slice; a light conv decoder restores the clean one (sigmoid, [0, 1])."""
+
+    level = "pixel"
+
+    def __init__(
+        self,
+        embed_channels: int,
+        image_size: int,
+        channels: int = 3,
+        noise_sigma: float = 0.08,
+        blur_prob: float = 0.5,
+        gradient_weight: float = 0.0,
+        min_width: int = 16,
+        augment: bool = True,
+        embedding_stride: int = 16,
+    ) -> None:
+        super().__init__()
+        self.noise_sigma = noise_sigma
+        self.blur_prob = blur_prob
+        self.gradient_weight = gradient_weight
+        stages = int(round(math.log2(embedding_stride)))
+        layers: list[nn.Module] = []
+        width = embed_channels
+        for _ in range(stages):
+            out = max(min_width, width // 2)
+            layers += [
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(width, out, kernel_size=3, padding=1),
+                nn.GroupNorm(_groups(out), out),
+                nn.GELU(),
+            ]
+            width = out
+        layers.append(nn.Conv2d(width, channels, kernel_size=1))
+        self.decoder = nn.Sequential(*layers)
+        self.image_size = image_size
+        self.preparer = DenoisingPreparer(
+            geometric_jitter() if augment else None, denoising_corruption(sigma=noise_sigma, blur_prob=blur_prob)
+        )
+
+    def restore(self, model: nn.Module, noisy: torch.Tensor) -> torch.Tensor:
+        """Reconstruction on [0, 1] (the same scale as the clean target)."""
+        out = self.decoder(model.encode(noisy))
+        if out.shape[-1] != noisy.shape[-1]:
+            out = F.interpolate(out, size=noisy.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.sigmoid(out)
+
+    def forward(
+        self, model: nn.Module, batch: Sequence[torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        clean, noisy = batch
+        restored = self.restore(model, noisy)
+        mse = F.mse_loss(restored, clean)
+        out = {"loss": mse, "mse": mse.detach()}
+        if self.gradient_weight > 0:
+            grad = _gradient_loss(restored, clean)
+            out["loss"] = mse + self.gradient_weight * grad
+            out["gradient"] = grad.detach()
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        return {"noise_sigma": self.noise_sigma, "blur_prob": self.blur_prob, "gradient_weight": self.gradient_weight}
+
+
+def build_objective(level: str, model: nn.Module, teacher: nn.Module | None = None, **options: Any) -> SSLObjective:
+    """The objective (with a freshly initialised head) for `level` on `model`'s backbone."""
+    config = model.config
+    encoder = model.backbone.encoder
+    neck_channels = model.backbone.prompt_dim
+    channels = 3
+    if level == "image":
+        return ContrastiveObjective(neck_channels, config.image_size, teacher=teacher, **options)
+    if teacher is not None:
+        raise ValueError(f"a distillation teacher is only supported for the image level, not {level!r}")
+    if level == "patch":
+        width = encoder.patch_embed.proj.out_channels
+        patch = encoder.patch_embed.proj.kernel_size[0]
+        return MaskedImageObjective(width, patch_size=patch, channels=channels, **options)
+    if level == "pixel":
+        return DenoisingObjective(neck_channels, config.image_size, channels=channels, **options)
+    raise ValueError(f"unknown SSL level {level!r}; choose one of {tuple(OBJECTIVES)}")
+
+
+# ----- distillation teacher -------------------------------------------------------------------------------------
+
+
+def load_teacher(path: str | Path, arch: str = "resnet50") -> nn.Module:
+    """A frozen torchvision ResNet (fc removed) from a state-dict file, loaded with weights_only=True.
+
+    Refuses files that do not fit the architecture and teachers that were visibly never trained (METHOD §7 bug 4:
+    the reference code distilled from randomly initialised teachers).
+    """
+    import torchvision
+
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherError(f"{path}: teacher checkpoint not found")
+    if not hasattr(torchvision.models, arch) or not arch.startswith("resnet"):
+        raise TeacherError(f"unsupported teacher architecture {arch!r} (expected a torchvision resnet)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a plain state dict"
+        raise TeacherError(f"{path}: not a plain tensor state dict loadable with weights_only=True ({e})") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TeacherError(f"{path}: expected a dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+    net = getattr(torchvision.models, arch)(weights=None)
+    net.fc = nn.Identity()
+    result = net.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise TeacherError(
+            f"{path} is not a torchvision {arch} state dict: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+    check_teacher(net, source=str(path))
+    return net.eval().requires_grad_(False)
+
+
+def check_teacher(teacher: nn.Module, source: str = "teacher") -> None:
+    """Refuse a teacher whose batch-norm statistics were never updated; warn when that cannot be checked."""
+    norms = [m for m in teacher.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        warnings.warn(
+            f"{source}: cannot verify that the distillation teacher is trained (no batch-norm statistics); "
+            "distilling from an untrained network is meaningless",
+            stacklevel=2,
+        )
+        return
+    untouched = all(
+        torch.all(m.running_mean == 0) and torch.all(m.running_var == 1) for m in norms if m.running_mean is not None
+    )
+    if untouched:
+        raise TeacherError(
+            f"{source}: the teacher looks untrained (all batch-norm running statistics at their initial values); "
+            "distilling from a random network is meaningless (METHOD.md §7 bug 4)"
+        )
+
+
+def _teacher_width(teacher: nn.Module) -> int:
+    """Width of the teacher's pooled output, found with one tiny forward pass."""
+    was_training = teacher.training
+    teacher.eval()
+    with torch.no_grad():
+        device = next(teacher.parameters()).device
+        width = int(teacher(torch.zeros(1, 3, 64, 64, device=device)).flatten(1).shape[1])
+    teacher.train(was_training)
+    return width
+
+
+def _gradient_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE between finite-difference image gradients (keeps edges that plain MSE blurs away)."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    return F.mse_loss(dx(prediction), dx(target)) + F.mse_loss(dy(prediction), dy(target))
+
+
+def _groups(channels: int) -> int:
+    for groups in (8, 4, 2):
+        if channels % groups == 0:
+            return groups
+    return 1

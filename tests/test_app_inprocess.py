@@ -1,0 +1,93 @@
+"""The MONAI Label app in-process (fastapi TestClient): the same flow as the e2e test, for fast iteration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from app_helpers import APP_DIR, app_conf, make_datastore, shuffled_slicer_label
+
+
+@pytest.fixture()
+def client(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import clear_cache
+
+    store = make_datastore(tmp_path)
+    for key, value in {
+        "MONAI_LABEL_APP_DIR": str(APP_DIR),
+        "MONAI_LABEL_STUDIES": str(store["studies"]),
+        "MONAI_LABEL_APP_CONF": app_conf(tmp_path),
+        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": False,
+        "MONAI_LABEL_AUTO_UPDATE_SCORING": False,
+        "MONAI_LABEL_TRACKING_ENABLED": False,
+        "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"),
+        "MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache"),
+    }.items():
+        monkeypatch.setattr(settings, key, value)
+    clear_cache()
+    from monailabel.app import app
+
+    with TestClient(app) as c:
+        c.store = store
+        yield c
+    clear_cache()
+
+
+def _infer(client, model, image, params=None):
+    r = client.post(f"/infer/{model}?image={image}&output=all", data={"params": json.dumps(params or {})})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_info_lists_tasks(client):
+    info = client.get("/info/").json()
+    assert set(info["models"]) == {"samora", "samora_prompt"}
+    assert info["models"]["samora"]["type"] == "segmentation"
+    assert info["models"]["samora_prompt"]["type"] == "deepgrow"
+    assert list(info["trainers"]) == ["samora", "samora_ssl"]
+    assert "samora_uncertainty" in info["scoring"]
+    assert {"uncertainty", "random", "first"} <= set(info["strategies"])
+    assert info["labels"] == ["liver", "spleen", "kidney_left", "kidney_right", "spine"]
+
+
+def test_train_publishes_version_and_infer_uses_it(client, tmp_path):
+    unlabeled = client.store["unlabeled"][0]
+    before = _infer(client, "samora", unlabeled)
+    # save a final label with Slicer-style label_info in a shuffled order
+    target = client.store["unlabeled"][1]
+    order = ["spine", "kidney_right", "liver", "spleen", "kidney_left"]
+    label_file = tmp_path / "upload.nii.gz"
+    label_info = shuffled_slicer_label(client.store["truth"] / f"{target}.nii.gz", label_file, order)
+    with open(label_file, "rb") as f:
+        r = client.put(
+            f"/datastore/label?image={target}&tag=final",
+            files={"label": ("l.nii.gz", f)},
+            data={"params": json.dumps({"label_info": label_info})},
+        )
+    assert r.status_code == 200, r.text
+    r = client.post("/train/samora?run_sync=true", json={"epochs": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["model_version"] == 1
+    stats = client.get("/info/").json()["train_stats"]["samora"]
+    assert stats["epoch"] == 2 and stats["total_epochs"] == 2 and "best_metric" in stats
+    after = _infer(client, "samora", unlabeled)
+    assert before.headers.get("content-type") != "" and after.status_code == 200
+
+
+def test_prompt_reuses_embeddings(client):
+    image = client.store["unlabeled"][0]
+    params = {"label": "liver", "foreground": [[40, 32, 12]], "background": [], "roi": [], "slice": 12}
+    first = _infer(client, "samora_prompt", image, params)
+    second = _infer(client, "samora_prompt", image, {**params, "foreground": [[41, 33, 12]]})
+    assert first.status_code == second.status_code == 200
+
+
+def test_uncertainty_strategy_picks_highest_score(client):
+    r = client.post("/scoring/samora_uncertainty?run_sync=true")
+    assert r.status_code == 200, r.text
+    r = client.post("/activelearning/uncertainty", json={})
+    assert r.status_code == 200, r.text
+    picked = r.json()["id"]
+    assert picked in client.store["unlabeled"]
