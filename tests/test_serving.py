@@ -1,0 +1,70 @@
+"""App settings, label remapping and the versioned model store (no server needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from samora.config import ModelConfig
+from samora.engine.store import ModelStore
+from samora.model import SamoraModel
+from samora.serving.labels import LabelMappingError, remap_by_name
+from samora.serving.settings import AppSettings, SettingsError, parse_labels
+
+
+def test_settings_from_string_conf():
+    s = AppSettings.from_conf({"preset": "tiny", "image_size": "64", "labels": "liver=1,spleen=2", "epochs": "3",
+                               "lr": "0.01", "unrelated_monailabel_key": "x"})
+    assert s.image_size == 64 and s.epochs == 3 and s.lr == 0.01
+    assert s.labels == {"liver": 1, "spleen": 2}
+    assert s.model_config().finetune_experts is True  # no checkpoint: random backbone needs its LoRAs trained
+    assert parse_labels('{"a": 2, "b": 1}') == {"a": 2, "b": 1}
+
+
+@pytest.mark.parametrize(
+    ("conf", "key"),
+    [({"image_size": "100"}, "image_size"), ({"epochs": "many"}, "epochs"), ({"labels": "liver"}, "labels"),
+     ({"bootstrap": "sometimes"}, "bootstrap"), ({"checkpoint": "/nope/sam.pth"}, "checkpoint"),
+     ({"preset": "vit_z"}, "preset"), ({"labels": '{"a": 1, "b": 1}'}, "labels")],
+)
+def test_bad_conf_names_the_key(conf, key):
+    with pytest.raises(SettingsError, match=key):
+        AppSettings.from_conf(conf)
+
+
+def test_remap_by_name_follows_viewer_order():
+    viewer = np.array([[1, 2], [3, 0]])
+    info = [{"name": "Spleen", "idx": 1}, {"name": "liver", "idx": 2}, {"name": "tumour", "idx": 3}]
+    out = remap_by_name(viewer, info, {"liver": 1, "spleen": 2})
+    assert out.tolist() == [[2, 1], [0, 0]]
+
+
+def test_remap_without_info_rejects_unknown_values():
+    with pytest.raises(LabelMappingError, match=r"\[7\]"):
+        remap_by_name(np.array([0, 1, 7]), None, {"liver": 1})
+
+
+def test_store_publishes_versions_and_falls_back_past_corruption(tmp_path):
+    store = ModelStore(tmp_path / "models", keep=3)
+    assert store.load_current() is None
+    model = SamoraModel(ModelConfig(preset="tiny", image_size=64, labels={"liver": 1}))
+    v1 = store.publish(model, {"note": "first"})
+    with torch.no_grad():
+        model.head.decoder.mask_tokens.weight.add_(1.0)
+    v2 = store.publish(model)
+    assert (v1, v2) == (1, 2) and store.current_version() == 2
+    assert json.loads((store.path(2) / "model.json").read_text())["version"] == 2
+    # corrupt v2: the store reports it and serves v1
+    weights = store.path(2) / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    version, loaded = store.load_current()
+    assert version == 1
+    assert not torch.equal(loaded.head.decoder.mask_tokens.weight, model.head.decoder.mask_tokens.weight)
+    for _ in range(3):
+        store.publish(model)
+    assert store.versions() == [3, 4, 5]  # keeps the newest `keep`
+    store.rollback(4)
+    assert store.current_version() == 4
