@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+
 from samora.data import (
     PHANTOM_LABELS,
     IntensityWindow,

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+
 from samora.adapters.experts import expert_parameters
 from samora.backbones import PRESETS, CheckpointError
 from samora.backbones.sam_vit import SamViTBackbone

@@ -5,18 +5,19 @@ from __future__ import annotations
 import logging
 import os
 
-import samora
 import torch
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+import samora
 from lib.activelearning.uncertainty import UncertaintyStrategy
 from lib.infers.prompt import SamoraPrompt
 from lib.infers.segmentation import SamoraSegmentation
 from lib.scoring.uncertainty import SamoraUncertaintyScoring
 from lib.trainers.bootstrap import SamoraBootstrapTrainer
 from lib.trainers.finetune import SamoraFinetuneTrainer
-from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.datastore import DefaultLabelTag
-from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 from samora.serving.runtime import ModelRuntime
 from samora.serving.settings import AppSettings
 

@@ -6,9 +6,9 @@ import logging
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
-from samora.serving.runtime import ModelRuntime
 
 from lib.scoring.uncertainty import score_images, stored_score
+from samora.serving.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,7 @@ import tempfile
 import time
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
 from samora.data import save_label
 from samora.serving.interactive import parse_prompt, refine
 from samora.serving.runtime import ModelRuntime

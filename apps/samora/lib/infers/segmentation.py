@@ -7,6 +7,7 @@ import tempfile
 import time
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
 from samora.data import save_label
 from samora.engine.inference import segment_volume
 from samora.serving.runtime import ModelRuntime

@@ -6,6 +6,7 @@ import logging
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
+
 from samora.engine.inference import segment_volume
 from samora.serving.runtime import ModelRuntime
 

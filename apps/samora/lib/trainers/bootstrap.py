@@ -7,10 +7,10 @@ import time
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
-from samora.serving.runtime import ModelRuntime
-from samora.ssl.trainer import pretrain
 
 from lib.trainers.stats import StatsFile
+from samora.serving.runtime import ModelRuntime
+from samora.ssl.trainer import pretrain
 
 log = logging.getLogger(__name__)
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
 
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
+
+from lib.trainers.stats import StatsFile
 from samora.engine.train import FinetuneConfig, finetune, load_labeled_cases
 from samora.serving.labels import remap_by_name
 from samora.serving.runtime import ModelRuntime
-
-from lib.trainers.stats import StatsFile
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,13 @@ class SamoraFinetuneTrainer(TrainTask):
         if not cases:
             raise ValueError("no final labels in the datastore: save at least one label before training")
         labels = dict(self.runtime.settings.labels)
-        version, model = self.runtime.model()
+        version, served = self.runtime.model()
+        model = copy.deepcopy(served)  # never train the object a (sync) server is serving
+        wanted = self.runtime.settings.model_config().to_dict()
+        if model.config.to_dict() != wanted:
+            # conf changed (labels, preset, size...) since that version: start from experts, not from it
+            log.warning("model version %d was built with another configuration; training a fresh model", version)
+            model = self.runtime.fresh_model()
         config = model.config
         train = load_labeled_cases(
             cases,
