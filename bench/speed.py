@@ -47,8 +47,9 @@ def segresnet_seconds(volume) -> float:
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import SegResNet
 
-    net = SegResNet(spatial_dims=3, in_channels=1, out_channels=9, init_filters=32, blocks_down=(1, 2, 2, 4),
-                    blocks_up=(1, 1, 1)).eval()
+    net = SegResNet(
+        spatial_dims=3, in_channels=1, out_channels=9, init_filters=32, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1)
+    ).eval()
     x = torch.as_tensor(np.clip((volume.array + 125) / 400, 0, 1), dtype=torch.float32)[None, None]
     with torch.no_grad():
         return timed(lambda: sliding_window_inference(x, (96, 96, 96), 1, net, overlap=0.25))
@@ -74,7 +75,8 @@ def bench_model(preset: str, size: int, volume, checkpoint: str | None, quick: b
         prompt = slice_prompts(Prompt("liver", foreground=[(60, 50, 0)]), 2, (122, 101, 1), size)[0]
         row["prompt_cached_ms"] = 1000 * timed(lambda: decode_slice_prompt(model, emb, prompt, (122, 101)), 5)
         row["prompt_reencode_ms"] = 1000 * timed(
-            lambda: decode_slice_prompt(model, model.encode(x), prompt, (122, 101)), 2)
+            lambda: decode_slice_prompt(model, model.encode(x), prompt, (122, 101)), 2
+        )
     model.set_stage("ssl-pixel")
     batch = torch.rand(2, 3, size, size)
 
@@ -96,8 +98,12 @@ def bench_model(preset: str, size: int, volume, checkpoint: str | None, quick: b
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--volume", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" /
-                                              "ct_abdomen_totalseg" / "image.nii.gz"))
+    parser.add_argument(
+        "--volume",
+        default=str(
+            Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct_abdomen_totalseg" / "image.nii.gz"
+        ),
+    )
     parser.add_argument("--out", default="docs/speed.json")
     parser.add_argument("--checkpoint", default=None, help="official SAM checkpoint for vit_b (optional)")
     parser.add_argument("--quick", action="store_true", help="tiny only, an 8-slice slab: CI smoke")
@@ -112,8 +118,13 @@ def main() -> int:
     report = {
         "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": torch.get_num_threads(),
-                    "torch": torch.__version__, "gpu": "not measured (no GPU lent)"},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "gpu": "not measured (no GPU lent)",
+        },
         "volume": {"path": args.volume, "shape": list(volume.shape)},
         "weights": "random-initialised backbones" if not args.checkpoint else args.checkpoint,
         "rows": rows,
@@ -122,12 +133,16 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print("| preset | S | auto-seg s/volume | prompt cached ms | prompt re-encode ms | SSL steps/s | "
-          "fine-tune steps/s | peak RSS MB |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "| preset | S | auto-seg s/volume | prompt cached ms | prompt re-encode ms | SSL steps/s | "
+        "fine-tune steps/s | peak RSS MB |\n|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['preset']} | {r['image_size']} | {r['autoseg_s_per_volume']:.2f} | {r['prompt_cached_ms']:.1f} | "
-              f"{r['prompt_reencode_ms']:.1f} | {r['ssl_encoder_steps_per_s_batch2']:.2f} | "
-              f"{r['finetune_steps_per_s_batch2']:.2f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['preset']} | {r['image_size']} | {r['autoseg_s_per_volume']:.2f} | {r['prompt_cached_ms']:.1f} | "
+            f"{r['prompt_reencode_ms']:.1f} | {r['ssl_encoder_steps_per_s_batch2']:.2f} | "
+            f"{r['finetune_steps_per_s_batch2']:.2f} | {r['peak_rss_mb']:.0f} |"
+        )
     if segresnet is not None:
         print(f"MONAI SegResNet sliding-window on the same volume: {segresnet:.2f} s")
     print(f"wrote {out}; command: {report['command']}; machine: {report['machine']}")
