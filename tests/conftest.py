@@ -20,3 +20,34 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real scans not found at {SHARED_DATA} (set SAMORA_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def client(tmp_path, monkeypatch):
+    """The SAMora app in-process behind fastapi's TestClient, on a small phantom datastore."""
+    from app_helpers import APP_DIR, app_conf, make_datastore
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import clear_cache
+
+    store = make_datastore(tmp_path)
+    for key, value in {
+        "MONAI_LABEL_APP_DIR": str(APP_DIR),
+        "MONAI_LABEL_STUDIES": str(store["studies"]),
+        "MONAI_LABEL_APP_CONF": app_conf(tmp_path),
+        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": False,
+        "MONAI_LABEL_AUTO_UPDATE_SCORING": False,
+        "MONAI_LABEL_TRACKING_ENABLED": False,
+        "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"),
+        "MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache"),
+    }.items():
+        monkeypatch.setattr(settings, key, value)
+    clear_cache()
+    from monailabel.app import app
+
+    with TestClient(app) as c:
+        c.store = store
+        yield c
+    clear_cache()
+
+

@@ -4,35 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from app_helpers import APP_DIR, app_conf, make_datastore, shuffled_slicer_label
-
-
-@pytest.fixture()
-def client(tmp_path, monkeypatch):
-    from fastapi.testclient import TestClient
-    from monailabel.config import settings
-    from monailabel.interfaces.utils.app import clear_cache
-
-    store = make_datastore(tmp_path)
-    for key, value in {
-        "MONAI_LABEL_APP_DIR": str(APP_DIR),
-        "MONAI_LABEL_STUDIES": str(store["studies"]),
-        "MONAI_LABEL_APP_CONF": app_conf(tmp_path),
-        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": False,
-        "MONAI_LABEL_AUTO_UPDATE_SCORING": False,
-        "MONAI_LABEL_TRACKING_ENABLED": False,
-        "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"),
-        "MONAI_LABEL_DATASTORE_CACHE_PATH": str(tmp_path / "cache"),
-    }.items():
-        monkeypatch.setattr(settings, key, value)
-    clear_cache()
-    from monailabel.app import app
-
-    with TestClient(app) as c:
-        c.store = store
-        yield c
-    clear_cache()
+from app_helpers import shuffled_slicer_label
 
 
 def _infer(client, model, image, params=None):

@@ -13,6 +13,7 @@ from monailabel.tasks.activelearning.random import Random
 
 import samora
 from lib.activelearning.uncertainty import UncertaintyStrategy
+from lib.datastore import SamoraDatastore
 from lib.infers.prompt import SamoraPrompt
 from lib.infers.segmentation import SamoraSegmentation
 from lib.scoring.uncertainty import SamoraUncertaintyScoring
@@ -49,6 +50,19 @@ class SamoraApp(MONAILabelApp):
             description="Segment Anything with hierarchical self-supervised LoRA experts (SAMora)",
             version=samora.__version__,
             labels=list(self.settings.labels),
+        )
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()  # DICOMweb: labels go back as DICOM SEG through MONAI Label
+        from monailabel.config import settings
+
+        return SamoraDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            labels=dict(self.settings.labels),
         )
 
     def init_infers(self):

@@ -7,6 +7,7 @@ import time
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.errors import client_errors
 from samora.data import save_label
 from samora.serving.interactive import parse_prompt, refine
 from samora.serving.runtime import ModelRuntime
@@ -28,6 +29,10 @@ class SamoraPrompt(InferTask):
         return True
 
     def __call__(self, request) -> tuple[str, dict]:
+        with client_errors(f"infer samora_prompt on {request.get('image')}"):
+            return self._run(request)
+
+    def _run(self, request) -> tuple[str, dict]:
         start = time.perf_counter()
         prompt = parse_prompt(request, list(self.runtime.settings.labels))
         before = self.runtime.encoder_calls

@@ -8,6 +8,7 @@ import time
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.errors import client_errors
 from samora.data import save_label
 from samora.engine.inference import segment_volume
 from samora.serving.runtime import ModelRuntime
@@ -32,6 +33,10 @@ class SamoraSegmentation(InferTask):
         return True
 
     def __call__(self, request) -> tuple[str, dict]:
+        with client_errors(f"infer samora on {request.get('image')}"):
+            return self._run(request)
+
+    def _run(self, request) -> tuple[str, dict]:
         start = time.perf_counter()
         version, model = self.runtime.model()
         loaded = time.perf_counter()

@@ -1,0 +1,35 @@
+"""Checks on what clients upload, so bad input is refused with a message before anything is saved."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from samora.data import VolumeError, load_label, load_volume
+from samora.serving.labels import LabelMappingError
+
+
+class UploadError(ValueError):
+    """An uploaded label cannot be accepted; the message names the problem."""
+
+
+def validate_label_upload(
+    label_path: str, image_path: str, labels: dict[str, int], label_info: list[dict] | None
+) -> None:
+    """Refuse a label whose grid differs from its image or whose values are not configured labels."""
+    try:
+        image = load_volume(image_path, check=False)
+        data, _ = load_label(label_path, like=image)
+    except VolumeError as e:
+        raise UploadError(str(e)) from e
+    values = set(np.unique(data).tolist()) - {0}
+    if label_info:
+        named = {int(e["idx"]) for e in label_info if isinstance(e, dict) and "idx" in e}
+        unknown_names = [e.get("name") for e in label_info if isinstance(e, dict) and e.get("name") not in labels]
+        if values - named:
+            raise UploadError(f"label values {sorted(values - named)} have no entry in label_info {label_info}")
+        if unknown_names and len(unknown_names) == len(label_info):
+            raise UploadError(f"none of the label names {unknown_names} is a configured label {sorted(labels)}")
+    elif values - set(labels.values()):
+        raise LabelMappingError(
+            f"label values {sorted(values - set(labels.values()))} are not among the configured labels {labels}"
+        )

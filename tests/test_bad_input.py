@@ -1,0 +1,103 @@
+"""Bad input through the REST API: a 4xx naming the problem, the server keeps serving, the datastore is untouched."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+def _nifti(path, data, spacing=(2.0, 2.0, 2.0)):
+    nib.save(nib.Nifti1Image(np.asarray(data), np.diag([*spacing, 1.0])), str(path))
+    return path
+
+
+def _bad_volumes(tmp):
+    rng = np.random.default_rng(0)
+    good = (rng.normal(0, 200, (32, 32, 8))).astype(np.int16)
+    truncated = _nifti(tmp / "trunc.nii.gz", good)
+    truncated.write_bytes(gzip.compress(gzip.decompress(truncated.read_bytes())[:500]))
+    nan = good.astype(np.float32)
+    nan[3, 3, 3] = np.nan
+    bad_nrrd = tmp / "bad.nrrd"
+    bad_nrrd.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 32 32\nencoding: raw\n\n" + b"\0" * 64)
+    return {
+        "truncated": (truncated, "unreadable|truncated|corrupt|read"),
+        "2d": (_nifti(tmp / "flat.nii.gz", good[:, :, 0]), "3D|2D"),
+        "4d": (_nifti(tmp / "four.nii.gz", np.stack([good, good], -1)), "3D|4D"),
+        "constant": (_nifti(tmp / "const.nii.gz", np.full((32, 32, 8), 7, np.int16)), "same value|constant|blank"),
+        "nan": (_nifti(tmp / "nan.nii.gz", nan), "NaN|finite"),
+        "spacing": (_nifti(tmp / "space.nii.gz", good, spacing=(2.0, 2.0, 500.0)), "spacing"),
+        "nrrd_header": (bad_nrrd, "nrrd|header|read"),
+    }
+
+
+def test_bad_volumes_get_422_and_nothing_changes(client, tmp_path):
+    before = _snapshot(client.store["studies"])
+    for name, (path, pattern) in _bad_volumes(tmp_path).items():
+        with open(path, "rb") as f:
+            r = client.post("/infer/samora", files={"file": (path.name, f)}, data={"params": "{}"})
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
+        assert re.search(pattern, r.json()["detail"], re.IGNORECASE), (name, r.json())
+        assert client.get("/info/").status_code == 200
+    assert _snapshot(client.store["studies"]) == before
+
+
+
+@pytest.mark.parametrize(
+    ("params", "pattern"),
+    [
+        ({"label": "liver", "foreground": [[500, 10, 3]]}, "outside the volume"),
+        ({"label": "brain", "foreground": [[10, 10, 3]]}, "unknown label"),
+        ({"label": "liver", "foreground": "here"}, "list of"),
+        ({"label": "liver", "roi": [1, 2, 3]}, "roi"),
+        ({"label": "liver"}, "foreground point or an roi"),
+    ],
+)
+def test_bad_prompts_get_422(client, params, pattern):
+    before = _snapshot(client.store["studies"])
+    image = client.store["unlabeled"][0]
+    r = client.post(f"/infer/samora_prompt?image={image}", data={"params": json.dumps(params)})
+    assert r.status_code == 422, r.text[:300]
+    assert re.search(pattern, r.json()["detail"]), r.json()
+    assert client.get("/info/").status_code == 200
+    assert _snapshot(client.store["studies"]) == before
+
+
+def _put_label(client, image, path, params):
+    with open(path, "rb") as f:
+        return client.put(f"/datastore/label?image={image}&tag=final", files={"label": (path.name, f)},
+                          data={"params": json.dumps(params)})
+
+
+def test_bad_labels_are_refused_before_saving(client, tmp_path):
+    image = client.store["unlabeled"][0]
+    ref = nib.load(str(client.store["studies"] / f"{image}.nii.gz"))
+    before = _snapshot(client.store["studies"])
+    wrong_values = np.zeros(ref.shape, np.int16)
+    wrong_values[5:9, 5:9, 5:9] = 9
+    nib.save(nib.Nifti1Image(wrong_values, ref.affine), str(tmp_path / "v.nii.gz"))
+    cases = {
+        "values": (tmp_path / "v.nii.gz", {}, "not among"),
+        "unnamed values": (tmp_path / "v.nii.gz", {"label_info": [{"name": "liver", "idx": 1}]}, "no entry"),
+        "shape": (_nifti(tmp_path / "s.nii.gz", np.zeros((10, 10, 10), np.int16)), {}, "shape"),
+    }
+    shifted = nib.Nifti1Image(np.zeros(ref.shape, np.int16), ref.affine @ np.diag([1, 1, 1.5, 1]))
+    nib.save(shifted, str(tmp_path / "a.nii.gz"))
+    cases["affine"] = (tmp_path / "a.nii.gz", {}, "affine")
+    for name, (path, params, pattern) in cases.items():
+        r = _put_label(client, image, path, params)
+        assert r.status_code == 422, (name, r.status_code, r.text[:300])
+        assert re.search(pattern, r.json()["detail"]), (name, r.json())
+    assert _snapshot(client.store["studies"]) == before
+    assert client.get("/info/").status_code == 200
