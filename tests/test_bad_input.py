@@ -101,3 +101,26 @@ def test_bad_labels_are_refused_before_saving(client, tmp_path):
         assert re.search(pattern, r.json()["detail"]), (name, r.json())
     assert _snapshot(client.store["studies"]) == before
     assert client.get("/info/").status_code == 200
+
+
+@pytest.mark.parametrize("image_id", ["../escape", "../../tmp/escape", "a/b", ".."])
+def test_path_traversal_in_image_ids_is_refused(client, tmp_path, image_id):
+    studies = client.store["studies"]
+    good = _nifti(tmp_path / "ok.nii.gz", np.random.default_rng(1).normal(0, 100, (16, 16, 8)).astype(np.int16))
+    before = _snapshot(studies.parent)
+    with open(good, "rb") as f:
+        r = client.put(f"/datastore/?image={image_id}", files={"file": ("ok.nii.gz", f)}, data={"params": "{}"})
+    assert 400 <= r.status_code < 500, r.text[:300]
+    assert "invalid image id" in r.json()["detail"]
+    r = _put_label(client, image_id, good, {})
+    assert 400 <= r.status_code < 500
+    assert _snapshot(studies.parent) == before  # nothing written inside or beside the datastore
+    assert client.get("/info/").status_code == 200
+
+
+def test_valid_image_upload_still_works(client, tmp_path):
+    good = _nifti(tmp_path / "ok.nii.gz", np.random.default_rng(1).normal(0, 100, (16, 16, 8)).astype(np.int16))
+    with open(good, "rb") as f:
+        r = client.put("/datastore/?image=new_case", files={"file": ("ok.nii.gz", f)}, data={"params": "{}"})
+    assert r.status_code == 200, r.text
+    assert (client.store["studies"] / "new_case.nii.gz").is_file()

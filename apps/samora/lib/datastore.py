@@ -13,9 +13,20 @@ from monailabel.datastore.local import DataModel, LocalDatastore
 from monailabel.interfaces.exception import ImageNotFoundException
 
 from lib.errors import client_errors
-from samora.serving.validation import validate_label_upload
+from samora.data import load_volume
+from samora.serving.validation import UploadError, validate_label_upload
 
 log = logging.getLogger(__name__)
+
+
+def check_id(image_id: str | None, root: str) -> None:
+    """An image id is a plain file stem: no separators, no parent references, resolving inside `root`."""
+    if not image_id:
+        return
+    bad = "/" in image_id or "\\" in image_id or image_id in (".", "..") or "\0" in image_id
+    inside = os.path.realpath(os.path.join(root, image_id)).startswith(os.path.realpath(root) + os.sep)
+    if bad or not inside:
+        raise UploadError(f"invalid image id {image_id!r}: ids are file names without path components")
 
 
 class SamoraDatastore(LocalDatastore):
@@ -25,7 +36,16 @@ class SamoraDatastore(LocalDatastore):
         super().__init__(*args, **kwargs)
         self.samora_labels = labels
 
+    def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
+        """Refuse ids that would place a file outside the datastore, and volumes we could not use."""
+        with client_errors(f"image {image_id!r}"):
+            check_id(image_id, self._datastore.image_path())
+            load_volume(image_filename)
+        return super().add_image(image_id, image_filename, image_info)
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict) -> str:
+        with client_errors(f"label for {image_id!r}"):
+            check_id(image_id, self._datastore.image_path())
         obj = self._datastore.objects.get(image_id)
         if not obj:
             raise ImageNotFoundException(f"Image {image_id} not found")
