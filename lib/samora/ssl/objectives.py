@@ -11,7 +11,6 @@ model's device. Randomness in forward comes only from `generator`, so a step is 
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Sequence
@@ -37,9 +36,9 @@ __all__ = [
     "nt_xent",
     "patchify",
     "random_token_mask",
+    "sincos_2d",
+    "unpatchify",
 ]
-
-log = logging.getLogger(__name__)
 
 # Level -> objective name recorded in the expert metadata.
 OBJECTIVES: dict[str, str] = {
@@ -108,6 +107,20 @@ def random_token_mask(
     noise = torch.rand(batch, n, generator=generator)
     ranks = noise.argsort(dim=1).argsort(dim=1)
     return (ranks < n_masked).reshape(batch, height, width)
+
+
+def sincos_2d(height: int, width: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2D sine-cosine position code (H, W, dim): half the channels encode the row, half the column."""
+    quarter = dim // 4
+    freqs = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / max(1, quarter))
+    rows = torch.arange(height, dtype=torch.float32)[:, None] * freqs
+    cols = torch.arange(width, dtype=torch.float32)[:, None] * freqs
+    code = torch.zeros(height, width, dim)
+    code[..., 0:quarter] = rows.sin()[:, None, :]
+    code[..., quarter : 2 * quarter] = rows.cos()[:, None, :]
+    code[..., 2 * quarter : 3 * quarter] = cols.sin()[None, :, :]
+    code[..., 3 * quarter : 4 * quarter] = cols.cos()[None, :, :]
+    return code
 
 
 # ----- per-sample preparation (runs in the data loader) ---------------------------------------------------------
@@ -232,8 +245,38 @@ class ContrastiveObjective(SSLObjective):
         return {"temperature": self.temperature, "distill_weight": self.distill_weight if self.teacher else 0.0}
 
 
+class PatchDecoder(nn.Module):
+    """Light per-token decoder: LayerNorm -> k x k conv over the token grid -> GELU -> 1x1 conv to patch pixels.
+
+    With kernel_size=1 this is exactly a 2-layer MLP per token; kernel_size=3 lets each token's prediction use its
+    eight neighbours' features.
+    """
+
+    def __init__(self, width: int, hidden_dim: int, out_dim: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.hidden = nn.Conv2d(width, hidden_dim, kernel_size, padding=kernel_size // 2)
+        self.out = nn.Conv2d(hidden_dim, out_dim, 1)
+        # Zero output at start: the first loss is exactly the target's variance (1 per non-flat patch), so any
+        # fall below it is learned structure, not the decoder shrinking a random initial guess.
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) block features -> (B, H, W, out_dim) patch predictions on the same grid."""
+        x = self.norm(tokens).permute(0, 3, 1, 2)
+        return self.out(F.gelu(self.hidden(x))).permute(0, 2, 3, 1)
+
+
 class MaskedImageObjective(SSLObjective):
-    """Patch level: mask ~75% of patch tokens, run the expert-adapted blocks, predict masked patches' pixels."""
+    """Patch level: mask ~75% of patch tokens, run the expert-adapted blocks, predict masked patches' pixels.
+
+    The decoder is a 2-layer MLP over each token's k x k neighbourhood of block features (k=1: a plain per-token
+    MLP). k=3 is the default because an encoder without positional signal (the randomly initialised tiny preset:
+    SAM initialises pos_embed and the relative-position tables to zero) gives every masked token of an image the
+    same features, so a per-token MLP can only predict one patch per image and the loss cannot fall; a fixed
+    sine-cosine code added before the decoder tells it which position it is predicting, as in MAE's decoder.
+    """
 
     level = "patch"
 
@@ -244,24 +287,21 @@ class MaskedImageObjective(SSLObjective):
         channels: int = 3,
         mask_ratio: float = 0.75,
         hidden_dim: int = 256,
+        kernel_size: int = 3,
+        decoder_position: bool = True,
+        norm_eps: float = 1e-4,
         augment: bool = True,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.channels = channels
         self.mask_ratio = mask_ratio
+        self.kernel_size = kernel_size
+        self.decoder_position = decoder_position
+        self.norm_eps = norm_eps
         self.mask_token = nn.Parameter(torch.zeros(width))
         nn.init.normal_(self.mask_token, std=0.02)
-        self.decoder = nn.Sequential(
-            nn.LayerNorm(width),
-            nn.Linear(width, hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, patch_size * patch_size * channels),
-        )
-        # Zero output at start: the first loss is exactly the target's variance (1 per non-flat patch), so any
-        # fall below it is learned structure, not the decoder shrinking a random initial guess.
-        nn.init.zeros_(self.decoder[-1].weight)
-        nn.init.zeros_(self.decoder[-1].bias)
+        self.decoder = PatchDecoder(width, hidden_dim, patch_size * patch_size * channels, kernel_size)
         self.preparer = ReconstructionPreparer(geometric_jitter() if augment else None)
 
     def forward(
@@ -272,25 +312,31 @@ class MaskedImageObjective(SSLObjective):
         if not all(hasattr(encoder, name) for name in ("patch_embed", "pos_embed", "blocks")):
             raise NotImplementedError("masked image modelling needs a ViT encoder with patch_embed/pos_embed/blocks")
         tokens = encoder.patch_embed(images)  # (B, H, W, C), row-major over the image like patchify()
-        b, h, w, _ = tokens.shape
+        b, h, w, width = tokens.shape
         mask = random_token_mask(b, h, w, self.mask_ratio, generator).to(tokens.device)
-        # The mask token replaces the patch content but still receives the position embedding, so every masked
-        # token knows where it sits (the decoder predicts per position).
+        # The mask token replaces the patch content but still receives the position embedding, so a masked token
+        # keeps whatever positional signal the encoder has.
         tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
         if encoder.pos_embed is not None:
             tokens = tokens + encoder.pos_embed
         for block in encoder.blocks:
             tokens = block(tokens)
+        if self.decoder_position:
+            tokens = tokens + sincos_2d(h, w, width).to(tokens)
         prediction = self.decoder(tokens)
         # Prediction and target share the (B, H, W) grid, and one boolean mask selects both: the same tokens are
         # compared in the same order (the reference code gathered them in two different orders, METHOD §7 bug 3).
-        target = normalise_patches(patchify(images, self.patch_size))
+        target = normalise_patches(patchify(images, self.patch_size), self.norm_eps)
         per_patch = (prediction - target).pow(2).mean(dim=-1)
-        loss = per_patch[mask].mean()
-        return {"loss": loss}
+        return {"loss": per_patch[mask].mean()}
 
     def settings(self) -> dict[str, Any]:
-        return {"mask_ratio": self.mask_ratio, "patch_size": self.patch_size}
+        return {
+            "mask_ratio": self.mask_ratio,
+            "patch_size": self.patch_size,
+            "decoder_kernel": self.kernel_size,
+            "norm_eps": self.norm_eps,
+        }
 
 
 class DenoisingObjective(SSLObjective):
@@ -309,12 +355,16 @@ class DenoisingObjective(SSLObjective):
         min_width: int = 16,
         augment: bool = True,
         embedding_stride: int = 16,
+        shuffle: int = 4,
     ) -> None:
         super().__init__()
         self.noise_sigma = noise_sigma
         self.blur_prob = blur_prob
         self.gradient_weight = gradient_weight
-        stages = int(round(math.log2(embedding_stride)))
+        # Convolutions run up to 1/shuffle of the input size; the last 1x1 conv predicts each shuffle x shuffle
+        # block of output pixels from one feature vector (pixel shuffle). Full-resolution convolutions cost ~75%
+        # of a step on CPU for no measurable gain in this objective.
+        stages = int(round(math.log2(embedding_stride / shuffle)))
         layers: list[nn.Module] = []
         width = embed_channels
         for _ in range(stages):
@@ -326,7 +376,7 @@ class DenoisingObjective(SSLObjective):
                 nn.GELU(),
             ]
             width = out
-        layers.append(nn.Conv2d(width, channels, kernel_size=1))
+        layers += [nn.Conv2d(width, channels * shuffle * shuffle, kernel_size=1), nn.PixelShuffle(shuffle)]
         self.decoder = nn.Sequential(*layers)
         self.image_size = image_size
         self.preparer = DenoisingPreparer(
@@ -403,7 +453,10 @@ def load_teacher(path: str | Path, arch: str = "resnet50") -> nn.Module:
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
     net = getattr(torchvision.models, arch)(weights=None)
     net.fc = nn.Identity()
-    result = net.load_state_dict(state, strict=False)
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches (another depth or width) are raised even with strict=False
+        raise TeacherError(f"{path} is not a torchvision {arch} state dict: {str(e).splitlines()[1:2]}") from e
     if result.missing_keys or result.unexpected_keys:
         raise TeacherError(
             f"{path} is not a torchvision {arch} state dict: missing {result.missing_keys[:3]}, "

@@ -232,6 +232,8 @@ def train_expert(
     """
     if level not in EXPERTS:
         raise ValueError(f"unknown SSL level {level!r}; choose one of {EXPERTS}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     settings = settings or SSLSettings()
     out_dir = Path(out_dir)
     n = len(cache)
@@ -254,11 +256,20 @@ def train_expert(
     losses_path = log_path(out_dir, level)
     signature = _model_signature(model.config)
     step, elapsed_before = 0, 0.0
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        _check_checkpoint(state, ckpt, level, signature, cache.data_hash)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt.is_file() else None
+    if state is not None and _check_checkpoint(state, ckpt, level, signature) != cache.data_hash:
+        # New or changed studies (e.g. the datastore grew): the half-trained expert belongs to other data.
+        log(f"[{level}] {ckpt} was trained on different studies; restarting this level on the current ones")
+        state = None
+    if state is not None:
         load_expert_state(model.backbone.encoder, level, state["expert"])
-        objective.load_state_dict(state["head"])
+        try:
+            objective.load_state_dict(state["head"])
+        except RuntimeError as e:
+            raise ValueError(
+                f"{ckpt}: its {level} head does not fit this run's objective (started with different objective "
+                f"options or with/without a teacher?); delete it to restart: {e}"
+            ) from e
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -268,7 +279,7 @@ def train_expert(
         log(f"[{level}] resuming from {ckpt} at step {step}/{total_steps}")
         _truncate_log(losses_path, step)
     elif losses_path.exists():
-        losses_path.unlink()  # a log without a checkpoint belongs to a run that never reached one
+        losses_path.unlink()  # a log without a usable checkpoint belongs to a run that never reached one
 
     def save_checkpoint(done: int, elapsed: float) -> None:
         state = {
@@ -390,16 +401,16 @@ def _param_groups(expert: dict[str, nn.Parameter], objective: SSLObjective, weig
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _check_checkpoint(state: dict, path: Path, level: str, signature: dict, data_hash: str) -> None:
+def _check_checkpoint(state: Any, path: Path, level: str, signature: dict) -> str:
+    """Validate a checkpoint for this level and model; returns the data hash it was trained on."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("level") != level:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint for level {level!r}; delete it to restart")
     if state.get("model") != signature:
-        raise ValueError(f"{path} was written for model {state.get('model')}, this run uses {signature}")
-    if state.get("data_hash") != data_hash:
         raise ValueError(
-            f"{path} was trained on different data (data hash {str(state.get('data_hash'))[:12]} != "
-            f"{data_hash[:12]}); delete it (or use another --out) to restart on the new studies"
+            f"{path} was written for model {state.get('model')}, this run uses {signature}; "
+            "use another output folder or delete the checkpoint"
         )
+    return str(state.get("data_hash"))
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -476,7 +487,6 @@ def pretrain(
         raise ValueError("`model` was built from a different config than `model_config`")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher_module = _resolve_teacher(teacher, teacher_arch) if "image" in levels else None
     settings = SSLSettings(
         batch_size=batch_size,
         lr=lr,
@@ -510,7 +520,8 @@ def pretrain(
                 "expert_file": str(weights_file),
             }
             continue
-        extra = {"teacher": _teacher_info(teacher)} if level == "image" and teacher is not None else {}
+        teacher_module = _resolve_teacher(teacher, teacher_arch) if level == "image" else None
+        extra = {"teacher": _teacher_info(teacher)} if teacher_module is not None else {}
         summaries[level] = train_expert(
             model,
             level,
@@ -522,7 +533,7 @@ def pretrain(
             log=log,
             on_step=on_step,
             stop=stop,
-            teacher=teacher_module if level == "image" else None,
+            teacher=teacher_module,
             objective_options=(objective_options or {}).get(level),
             device=device,
             metadata=extra,

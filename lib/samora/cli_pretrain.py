@@ -1,0 +1,115 @@
+"""`samora pretrain`: stage-1 self-supervised training of the image, patch and pixel experts on unlabeled studies."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from samora.config import CONTEXTS, EXPERTS, ModelConfig
+
+if TYPE_CHECKING:
+    from samora.data import IntensityWindow
+
+# Named CT windows for --window (MR always uses its percentile window).
+_WINDOWS = ("auto", "abdomen", "soft-tissue", "wide")
+
+
+def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the `pretrain` subcommand on the `samora` parser's subparsers."""
+    p = subparsers.add_parser(
+        "pretrain",
+        help="train the three LoRA experts self-supervised on unlabeled studies (resumable)",
+        description="Stage 1: contrastive (image), masked image modelling (patch) and denoising (pixel) experts. "
+        "Running it again with the same --out resumes: finished levels are skipped, an interrupted one continues "
+        "from its last checkpoint.",
+    )
+    p.add_argument("--studies", required=True, type=Path, help="folder of unlabeled studies (or a slice-cache folder)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (experts, logs, checkpoints, OUT/cache)")
+    p.add_argument("--preset", default="tiny", help="backbone preset: tiny, vit_b, vit_l, vit_h (default: tiny)")
+    p.add_argument("--image-size", type=int, default=ModelConfig.image_size, help="input size S (default: %(default)s)")
+    p.add_argument("--checkpoint", default=None, help="SAM checkpoint (.pth) for the vit_* presets")
+    p.add_argument("--rank", type=int, default=ModelConfig.expert_rank, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--context", default="single", choices=CONTEXTS, help="slice context (default: single)")
+    p.add_argument("--levels", default=",".join(EXPERTS), help="comma-separated subset of image,patch,pixel")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per level (default: 30 unless --max-steps)")
+    p.add_argument("--max-steps", type=int, default=None, help="steps per level (caps --epochs)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", default="auto", choices=_WINDOWS, help="CT intensity window (auto: per modality)")
+    p.add_argument("--teacher", default=None, help="optional trained ResNet state dict for image-level distillation")
+    p.add_argument("--teacher-arch", default="resnet50", help="torchvision architecture of --teacher")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_pretrain)
+    return p
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    """Handler of `samora pretrain`."""
+    from samora.ssl import pretrain
+
+    levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
+    unknown = [lv for lv in levels if lv not in EXPERTS]
+    if unknown or not levels:
+        raise ValueError(f"--levels: {args.levels!r} must be a comma-separated subset of {','.join(EXPERTS)}")
+    if not args.studies.exists():
+        raise FileNotFoundError(f"--studies: {args.studies} does not exist")
+    config = ModelConfig(
+        preset=args.preset,
+        image_size=args.image_size,
+        checkpoint=args.checkpoint,
+        expert_rank=args.rank,
+        context=args.context,
+    )
+    if args.preset != "tiny" and args.checkpoint is None:
+        print(
+            f"samora: warning: preset {args.preset!r} without --checkpoint trains experts on a RANDOM backbone",
+            file=sys.stderr,
+        )
+    summaries = pretrain(
+        args.studies,
+        args.out,
+        config,
+        levels=levels,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        checkpoint_every=args.checkpoint_every,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        window=_window(args.window),
+        teacher=args.teacher,
+        teacher_arch=args.teacher_arch,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    for level, s in summaries.items():
+        loss = s.get("final_loss")
+        speed = s.get("slices_per_second")
+        print(
+            f"{level:<6} {s['status']:<9} steps {s.get('steps')}"
+            + (f"  final loss {loss:.4f}" if loss is not None else "")
+            + (f"  {speed:.1f} slices/s" if speed else "")
+        )
+    print(f"experts, loss logs and loss_curves.png in {args.out}")
+    return 0 if all(s["status"] in ("finished", "skipped") for s in summaries.values()) else 1
+
+
+def _window(name: str) -> IntensityWindow | None:
+    """The IntensityWindow for --window (None: per-modality default)."""
+    from samora.data import IntensityWindow
+
+    return {
+        "auto": None,
+        "abdomen": IntensityWindow.ct_abdomen(),
+        "soft-tissue": IntensityWindow.ct_soft_tissue(),
+        "wide": IntensityWindow.ct_wide(),
+    }[name]
