@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from app_helpers import (
     ServerProcess,
+    alive,
     app_conf,
     make_datastore,
     shuffled_slicer_label,
@@ -36,7 +37,7 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
     """The real server on a phantom datastore (2 labelled, 3 unlabelled studies of 64x64x24), tiny fast conf."""
     tmp = tmp_path_factory.mktemp("e2e")
     store = make_datastore(tmp, n_labeled=2, n_unlabeled=3)
-    handle = start_server(store["studies"], app_conf(tmp, threads=2), tmp / "work")
+    handle = start_server(store["studies"], app_conf(tmp, threads=1), tmp / "work")
     handle.store = store  # type: ignore[attr-defined]
     handle.tmp = tmp  # type: ignore[attr-defined]
     try:
@@ -172,3 +173,16 @@ def test_label_train_infer_score_select(server):
     assert pick["id"] == max(scores, key=scores.get), (pick, scores)
     assert pick["score"] == pytest.approx(scores[pick["id"]])
     print(f"train {train_s:.1f}s, scoring {score_s:.1f}s, scores {scores}")
+
+
+def test_stop_kills_a_running_training_subprocess(server):
+    """Runs last: stopping the server mid-training must take the training subprocess down with it."""
+    server.client.train_start("samora", {"epochs": 500})
+    children = wait_for(server.remember_children, lambda procs: bool(alive(procs)), 60, interval=0.5)
+    running = [p for p in children if p.pid in alive(children)]
+    assert running, "no training subprocess appeared"
+    assert server.client.train_status(check_if_running=True), "training is not running"
+    left = stop_server(server)
+    assert server.proc.poll() is not None
+    assert not left, f"left running: {sorted(left)}"
+    assert not alive(running), f"training subprocess(es) {sorted(alive(running))} survived the server"

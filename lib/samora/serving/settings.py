@@ -69,7 +69,10 @@ class AppSettings:
     ssl_batch_size: int = 8
     context: str = "single"
     infer_batch_size: int = 8
-    threads: int = 0  # torch threads in the server process; 0 keeps torch's default
+    # torch threads in the server and in each train/scoring subprocess; 0 keeps torch's default (one per core).
+    # 1 by default: those processes run concurrently, and oversubscribed OpenMP threads on a small CPU box were
+    # measured ~10x slower (SSL bootstrap steps on 2 shared cores) than one thread each.
+    threads: int = 1
     finetune_experts: str = "auto"  # auto: train the LoRAs in stage 2 only on a random (checkpoint-less) backbone
 
     @classmethod

@@ -77,7 +77,8 @@ class SamoraFinetuneTrainer(TrainTask):
             label_map=lambda arr, case: remap_by_name(arr, infos[case], labels),
         )
         val = None
-        if len(cases) >= 3:  # hold out the last labelled study for best-epoch selection
+        # With few labels every study trains; from 4 on, the last one is held out for best-epoch selection.
+        if len(cases) >= 4:
             held_out = cases[-1][0]
             keep = [i for i, c in enumerate(train.case_ids) if c != held_out]
             val = train.subset([i for i, c in enumerate(train.case_ids) if c == held_out])

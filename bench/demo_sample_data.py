@@ -1,0 +1,329 @@
+"""Headless run of the README's main job on the sample data, through a real MONAI Label server.
+
+    python bench/demo_sample_data.py [--out docs/demo_sample_data.json] [--work DIR] [--conf KEY VALUE]...
+
+1. `samora make-sample-data`: 3 labelled + 3 unlabelled synthetic abdominal CT phantoms (default shape).
+2. `monailabel start_server --app apps/samora --studies <sample data>` with the app's default conf (only
+   `model_dir` points into the work folder). With the default `bootstrap auto` the app queues the samora_ssl
+   bootstrap (unlabelled studies, no experts yet) and then samora fine-tuning (final labels, no model version):
+   the demo waits for both through MONAI Label's REST API, as 3D Slicer would.
+3. Infers `samora` on every unlabelled phantom via `MONAILabelClient` and scores it against the ground truth
+   (kept outside the datastore) with `samora.metrics.mean_dice`.
+
+Prints and writes (JSON) per-study and mean Dice, phase timings, the command, machine and date. Exit status: 0 when
+mean Dice > 0.7, 1 when below, 2 on a failure (server, training, timeout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = ROOT / "apps" / "samora"
+TARGET_DICE = 0.7
+TRAINERS = ("samora_ssl", "samora")  # the order the app's bootstrap queues them
+
+
+class DemoError(RuntimeError):
+    """The job could not run to the end; the message says where."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """`monailabel start_server` in its own process group (so stop() also ends its train/scoring subprocesses)."""
+
+    def __init__(self, studies: Path, conf: dict[str, str], work: Path, env: dict[str, str]) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = Path(sys.executable).parent / "monailabel"
+        self.cmd = [str(exe) if exe.exists() else "monailabel", "start_server", "--app", str(APP_DIR)]
+        self.cmd += ["--studies", str(studies), "--host", "127.0.0.1", "--port", str(self.port)]
+        for key, value in conf.items():
+            self.cmd += ["--conf", key, value]
+        self.log_path = work / "server.log"
+        self.env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "PYTHONUNBUFFERED": "1", **env}
+        self.work = work
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float) -> None:
+        """Launch and wait until /info answers."""
+        from monailabel.client import MONAILabelClient
+        from monailabel.client.client import MONAILabelClientException
+
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=str(self.work),
+                start_new_session=True,
+            )
+        self.client = MONAILabelClient(self.url, tmpdir=str(self.work / "client"))
+        os.makedirs(self.work / "client", exist_ok=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise DemoError(f"server exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                self.info = self.client.info()
+                return
+            except (OSError, MONAILabelClientException):
+                pass
+            if time.monotonic() > deadline:
+                raise DemoError(f"server did not answer /info within {timeout:.0f}s; see {self.log_path}")
+            time.sleep(1.0)
+
+    def get(self, selector: str) -> Any:
+        """GET a JSON endpoint with MONAI Label's client utilities (None on a non-200 answer)."""
+        from monailabel.client.client import MONAILabelUtils
+
+        status, body, _, _ = MONAILabelUtils.http_method("GET", self.url, selector)
+        return json.loads(body) if status == 200 else None
+
+    def stop(self, grace: float = 15) -> None:
+        """SIGTERM the whole process group, SIGKILL it if anything is left after `grace` seconds."""
+        if self.proc is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                self.proc.poll()
+                try:
+                    os.killpg(self.proc.pid, 0)  # raises once no process of the group is left
+                except ProcessLookupError:
+                    return
+                time.sleep(0.2)
+
+
+def _wait_for_trainers(server: Server, budget: float, log) -> dict[str, dict]:
+    """Poll /train/?all=true until the bootstrap's samora_ssl and samora tasks have both finished."""
+    start = time.monotonic()
+    deadline = start + budget
+    finished: dict[str, dict] = {}
+    seen_running: dict[str, float] = {}
+    last_line, last_report = "", 0.0
+    while True:
+        tasks = server.get("/train/?all=true") or []
+        by_model = {t["request"].get("model"): t for t in tasks if isinstance(t, dict) and t.get("request")}
+        now = time.monotonic()
+        for model in TRAINERS:
+            task = by_model.get(model)
+            if task is None:
+                continue
+            if task.get("status") == "RUNNING":
+                seen_running.setdefault(model, now)
+            if task.get("status") in ("DONE", "ERROR", "STOPPED") and model not in finished:
+                finished[model] = {**task, "observed_done": now}
+                if task["status"] != "DONE":
+                    details = "\n".join(task.get("details") or [])
+                    raise DemoError(f"{model} training ended {task['status']}:\n{details}")
+                log(f"  {model} done")
+        if all(m in finished for m in TRAINERS):
+            for model in TRAINERS:
+                finished[model]["observed_running"] = seen_running.get(model)
+            return finished
+        if now - last_report >= 15:
+            stats = (server.get("/info/") or {}).get("train_stats", {})
+            line = ", ".join(
+                f"{m} {st.get('epoch')}/{st.get('total_epochs')}"
+                for m, st in stats.items()
+                if st.get("status") == "RUNNING"
+            )
+            if line and line != last_line:
+                log(f"  training: {line}")
+                last_line, last_report = line, now
+        if not tasks and now > start + 60:
+            raise DemoError("the server queued no training within 60 s: is `bootstrap` off or the model dir not new?")
+        if now > deadline:
+            raise DemoError(f"training not finished within {budget:.0f}s (done: {sorted(finished)})")
+        time.sleep(2.0)
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "demo_sample_data.json"), help="JSON result")
+    parser.add_argument("--work", default=None, help="work folder (default: a temp folder, removed afterwards)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp work folder")
+    parser.add_argument(
+        "--conf",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="extra app conf (the demo's point is the defaults: use only to explore)",
+    )
+    parser.add_argument("--budget", type=float, default=900.0, help="seconds for the whole job before giving up")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole job; returns the result record (also on failure, with `error`)."""
+    import nibabel as nib
+    import numpy as np
+
+    from samora.cli import main as samora_cli
+    from samora.data import PHANTOM_LABELS
+    from samora.metrics import mean_dice, volume_metrics
+
+    t0 = time.monotonic()
+    started = dt.datetime.now(dt.timezone.utc)
+    temp = args.work is None
+    work = Path(args.work or tempfile.mkdtemp(prefix="samora-demo-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    studies, truth = work / "sample-data", work / "sample-data_truth"
+    conf = {"model_dir": str(work / "model"), **{k: v for k, v in args.conf}}
+    record: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": started.isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "work": str(work),
+        "conf": conf,
+        "target_mean_dice": TARGET_DICE,
+        "phases_s": {},
+    }
+    phases = record["phases_s"]
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
+
+    def phase(name: str, since: float) -> float:
+        now = time.monotonic()
+        phases[name] = round(now - since, 1)
+        return now
+
+    server: Server | None = None
+    try:
+        log(f"sample data -> {studies}")
+        t = time.monotonic()
+        if samora_cli(["make-sample-data", "--out", str(studies), "--truth", str(truth), "--seed", str(args.seed)]):
+            raise DemoError("make-sample-data failed")
+        t = phase("make_sample_data", t)
+        labeled = sorted(p.name[: -len(".nii.gz")] for p in (studies / "labels" / "final").glob("*.nii.gz"))
+        unlabeled = sorted(p.name[: -len(".nii.gz")] for p in truth.glob("*.nii.gz"))
+        record["studies"] = {"labeled": labeled, "unlabeled": unlabeled}
+
+        server = Server(studies, conf, work, env={"MONAI_LABEL_SESSION_PATH": str(work / "sessions")})
+        record["server_command"] = " ".join(server.cmd)
+        log("starting: " + record["server_command"])
+        server.start(timeout=180)
+        t_up = phase("server_start", t)
+        record["server_info"] = {"version": server.info.get("version"), "trainers": list(server.info["trainers"])}
+
+        log("waiting for the bootstrap: samora_ssl, then samora fine-tuning (queued by the app at start)")
+        budget = args.budget - (time.monotonic() - t0) - 60
+        tasks = _wait_for_trainers(server, budget, log)
+        ssl_done = tasks["samora_ssl"]["observed_done"]
+        phases["ssl_bootstrap"] = round(ssl_done - t_up, 1)
+        phases["finetune"] = round(tasks["samora"]["observed_done"] - ssl_done, 1)
+        stats = server.client.info()["train_stats"]
+        record["train_stats"] = stats
+        t = time.monotonic()
+
+        per_study: dict[str, Any] = {}
+        for image_id in unlabeled:
+            t_inf = time.monotonic()
+            path, result = server.client.infer("samora", image_id, {})
+            if path is None:
+                raise DemoError(f"infer returned no label for {image_id}: {result}")
+            pred = np.asarray(nib.load(path).dataobj).astype(np.int16)
+            gt = np.asarray(nib.load(str(truth / f"{image_id}.nii.gz")).dataobj).astype(np.int16)
+            if pred.shape != gt.shape:
+                raise DemoError(f"{image_id}: prediction shape {pred.shape} != truth {gt.shape}")
+            dice = mean_dice(pred, gt, PHANTOM_LABELS)
+            classes = volume_metrics(pred, gt, PHANTOM_LABELS)["classes"]
+            per_study[image_id] = {
+                "mean_dice": round(dice, 4),
+                "dice": {name: round(m["dice"], 4) for name, m in classes.items()},
+                "model_version": result.get("model_version"),
+                "infer_s": round(time.monotonic() - t_inf, 2),
+            }
+            log(
+                f"  {image_id}: mean Dice {dice:.4f} "
+                + " ".join(f"{k} {v:.3f}" for k, v in per_study[image_id]["dice"].items())
+            )
+        phase("infer", t)
+        record["per_study"] = per_study
+        record["mean_dice"] = round(float(np.mean([s["mean_dice"] for s in per_study.values()])), 4)
+        versions = {s["model_version"] for s in per_study.values()}
+        if versions != {1}:
+            raise DemoError(f"inference used model version(s) {versions}, expected the freshly trained 1")
+    except Exception as e:  # noqa: BLE001 - any failure ends up in the JSON and the exit status
+        record["error"] = f"{type(e).__name__}: {e}"
+        log(f"FAILED: {record['error']}")
+    finally:
+        if server is not None:
+            t = time.monotonic()
+            server.stop()
+            phase("server_stop", t)
+        record["total_s"] = round(time.monotonic() - t0, 1)
+        if temp and not args.keep and "error" not in record:
+            shutil.rmtree(work, ignore_errors=True)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run, print a summary, write the JSON; exit 0 only if mean Dice > 0.7."""
+    args = _parse(argv)
+    record = run(args)
+    dice = record.get("mean_dice", math.nan)
+    record["passed"] = "error" not in record and dice > TARGET_DICE
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    m = record["machine"]
+    print(f"\n{record['date']}  {m['platform']}  {m['cpu_count']} CPUs  torch {m['torch']}")
+    print(f"command: {record['command']}")
+    print(
+        "phases (s): " + ", ".join(f"{k} {v}" for k, v in record["phases_s"].items()) + f"; total {record['total_s']}"
+    )
+    print(f"mean Dice over {len(record.get('per_study', {}))} unlabelled phantoms: {dice:.4f} (target > {TARGET_DICE})")
+    print(f"result: {out}")
+    if "error" in record:
+        return 2
+    return 0 if record["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
