@@ -11,6 +11,6 @@ export PATH="$PWD/$VENV/bin:$PATH"
 STUDIES="${SAMORA_STUDIES:-sample-data/studies}"
 if [ "$#" -eq 0 ]; then
   python -m samora.cli make-sample-data --out "$STUDIES"
-  set -- --studies "$STUDIES"
+  set -- --studies "$STUDIES" --conf labels liver=1,spleen=2,kidney_left=3,kidney_right=4,spine=5
 fi
 exec monailabel start_server --app apps/samora --host "${SAMORA_HOST:-127.0.0.1}" --port "${SAMORA_PORT:-8000}" "$@"
