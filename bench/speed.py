@@ -14,18 +14,21 @@ import json
 import platform
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from samora.config import ModelConfig
-from samora.data import load_volume
+from samora.config import EXPERTS, ModelConfig
+from samora.data import SliceCache, load_volume
 from samora.engine.inference import segment_volume
 from samora.engine.losses import SegmentationLoss
 from samora.model import SamoraModel
 from samora.serving.interactive import Prompt, decode_slice_prompt, slice_prompts
+from samora.ssl import train_expert
+from samora.ssl.trainer import SSLSettings
 
 
 def peak_rss_mb() -> float:
@@ -55,13 +58,30 @@ def segresnet_seconds(volume) -> float:
         return timed(lambda: sliding_window_inference(x, (96, 96, 96), 1, net, overlap=0.25))
 
 
+def ssl_slices_per_second(model: SamoraModel, volume_path: str, steps: int, batch_size: int) -> dict[str, float]:
+    """Slices/s of each real stage-1 objective (its expert, head and loss), from `steps` steps after the first one."""
+    rates = {}
+    with tempfile.TemporaryDirectory(prefix="samora-speed-") as tmp:
+        cache = SliceCache.build([volume_path], Path(tmp) / "cache", model.config.image_size, progress=False)
+        for level in EXPERTS:
+            settings = SSLSettings(batch_size=batch_size, num_workers=0)
+            # one warm-up step (allocator, first-call overheads), then the timed run resumes from its checkpoint
+            train_expert(model, level, cache, Path(tmp) / level, 1, settings, progress=False)
+            summary = train_expert(model, level, cache, Path(tmp) / level, 1 + steps, settings, progress=False)
+            rates[level] = summary["slices_per_second"]
+    return rates
+
+
 def bench_model(preset: str, size: int, volume, checkpoint: str | None, quick: bool) -> dict:
     """All timings for one backbone preset and input size."""
     model = SamoraModel(ModelConfig(preset=preset, image_size=size, checkpoint=checkpoint)).eval()
     row = {"preset": preset, "image_size": size}
     seg_volume = volume
-    if quick:  # a slab keeps --quick inside its budget
-        seg_volume = type(volume)(volume.array[:, :, 48:56].copy(), volume.affine, volume.path, volume.modality)
+    slab = 8 if quick else (16 if preset != "tiny" else None)  # a central slab keeps big presets inside the budget
+    if slab:
+        mid = volume.shape[2] // 2
+        part = volume.array[:, :, mid - slab // 2 : mid + slab // 2].copy()
+        seg_volume = type(volume)(part, volume.affine, volume.path, volume.modality)
     start = time.perf_counter()
     result = segment_volume(model, seg_volume, batch_size=4)
     seconds = time.perf_counter() - start
@@ -84,6 +104,8 @@ def bench_model(preset: str, size: int, volume, checkpoint: str | None, quick: b
         model.encode(batch).pow(2).mean().backward()
 
     row["ssl_encoder_steps_per_s_batch2"] = 1 / timed(ssl_step, 1 if quick else 3)
+    ssl_steps = 2 if quick or preset != "tiny" else 20
+    row["ssl_slices_per_s_batch2"] = ssl_slices_per_second(model, str(volume.path), ssl_steps, batch_size=2)
     model.set_stage("finetune")
     loss = SegmentationLoss()
     labels = torch.randint(0, model.config.num_classes, (2, size, size))
@@ -143,6 +165,11 @@ def main() -> int:
             f"{r['prompt_reencode_ms']:.1f} | {r['ssl_encoder_steps_per_s_batch2']:.2f} | "
             f"{r['finetune_steps_per_s_batch2']:.2f} | {r['peak_rss_mb']:.0f} |"
         )
+    print("\n| preset | S | " + " | ".join(f"SSL {lv} slices/s" for lv in EXPERTS) + " |")
+    print("|---|---|" + "---|" * len(EXPERTS))
+    for r in rows:
+        rates = " | ".join(f"{r['ssl_slices_per_s_batch2'][lv]:.2f}" for lv in EXPERTS)
+        print(f"| {r['preset']} | {r['image_size']} | {rates} |")
     if segresnet is not None:
         print(f"MONAI SegResNet sliding-window on the same volume: {segresnet:.2f} s")
     print(f"wrote {out}; command: {report['command']}; machine: {report['machine']}")

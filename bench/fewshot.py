@@ -1,0 +1,623 @@
+"""Few-shot quality on real CT: SAMora vs SAMed-style, H-SAM-style and a MONAI UNet, at 5%, 10% and 100% of the
+training slices of held-out-slab splits of ct_abdomen_totalseg (TotalSegmentator PSEUDO-labels).
+
+    python bench/fewshot.py [--quick] [--checkpoint SAM.pth --preset vit_b] [--out docs] [--work runs/bench]
+
+Split: the volume's axial slices are cut into slabs of 8; every third slab starting with the second (z 8-15,
+32-39, ...) is the test set, the other slabs train, minus one guard slice on each side of every test slab. SSL
+(stage 1) sees only images: every slice of the abdomen study (test slabs included, labels never) and the other
+CT scans in the shared data. Each seed trains its experts once; every SAMora variant of that seed reuses them.
+Writes OUT/results/fewshot.json and OUT/fewshot_dice.png and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+from common import (
+    DATA,
+    METHODS,
+    PSEUDO_LABEL_NOTE,
+    RANDOM_BACKBONE_NOTE,
+    Job,
+    SSLSpec,
+    add_common_args,
+    as_float,
+    build_model,
+    build_ssl_cache,
+    command_line,
+    finetune_config,
+    finite,
+    fmt_ms,
+    header_lines,
+    machine_info,
+    md_table,
+    mean_std,
+    now_utc,
+    plot_lines,
+    preset_for,
+    run_jobs,
+    run_ssl_job,
+    spec_dict,
+    ssl_dir,
+    ssl_studies,
+    trainable_count,
+    write_json,
+)
+
+DEFAULTS = {
+    "seeds": [0, 1, 2],
+    "budgets": [0.05, 0.1, 1.0],
+    "methods": list(METHODS),
+    "image_size": 128,
+    "steps": 320,
+    "batch_size": 2,
+    "lr": 3e-3,
+    "ssl_steps": 200,
+    "ssl_batch_size": 8,
+}
+QUICK = {
+    "seeds": [0],
+    "budgets": [0.1, 1.0],
+    "methods": list(METHODS),
+    "image_size": 64,
+    "steps": 6,
+    "batch_size": 2,
+    "lr": 3e-3,
+    "ssl_steps": 2,
+    "ssl_batch_size": 4,
+}
+SLAB = 8  # slices per slab
+TEST_EVERY = 3  # every third slab is a test slab ...
+TEST_OFFSET = 1  # ... starting with slab 1
+GUARD = 1  # training slices dropped next to each test slab
+RELATIVE_COST = {  # step cost relative to (a), measured on this machine (to start the longest jobs first)
+    "samed": 1.0,
+    "samora": 1.4,
+    "samora_ft": 1.7,
+    "samora_sum": 0.9,
+    "expert_image": 0.8,
+    "expert_patch": 0.8,
+    "expert_pixel": 0.8,
+    "hsam": 1.7,
+    "hsam_ssl": 2.0,
+    "unet": 2.2,
+}
+
+
+# ----- data ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """Slice indices along the axial axis: train slices, test slices and the test slabs as [start, stop) ranges."""
+
+    train: tuple[int, ...]
+    test: tuple[int, ...]
+    test_slabs: tuple[tuple[int, int], ...]
+    guard: tuple[int, ...]
+
+    def describe(self, depth: int) -> str:
+        """Plain-language description for the report."""
+        slabs = ", ".join(f"z {a}-{b - 1}" for a, b in self.test_slabs)
+        return (
+            f"{depth} axial slices (3 mm) cut into slabs of {SLAB}; test = every {TEST_EVERY}rd slab starting with "
+            f"slab {TEST_OFFSET} ({slabs}: {len(self.test)} slices); training = all other slices except one guard "
+            f"slice on each side of every test slab (z {', '.join(map(str, self.guard))}): {len(self.train)} slices."
+        )
+
+
+def split_slabs(depth: int, slab: int = SLAB, every: int = TEST_EVERY, offset: int = TEST_OFFSET, guard: int = GUARD):
+    """Disjoint train/test slabs along z with `guard` unused slices between them."""
+    test = [z for z in range(depth) if (z // slab) % every == offset]
+    test_set = set(test)
+    near = {z + d for z in test for d in range(-guard, guard + 1)}
+    guard_slices = sorted(z for z in near if 0 <= z < depth and z not in test_set)
+    train = [z for z in range(depth) if z not in test_set and z not in guard_slices]
+    slabs = []
+    for z in test:
+        if slabs and slabs[-1][1] == z:
+            slabs[-1][1] = z + 1
+        else:
+            slabs.append([z, z + 1])
+    return Split(tuple(train), tuple(test), tuple((a, b) for a, b in slabs), tuple(guard_slices))
+
+
+def budget_indices(train: Sequence[int], fraction: float, seed: int) -> list[int]:
+    """round(fraction * n) training slices (at least 1), stratified along z: the sorted training slices are cut
+    into that many equal runs and one slice is drawn at random from each (seeded)."""
+    train = sorted(train)
+    k = max(1, round(fraction * len(train)))
+    if k >= len(train):
+        return train
+    rng = np.random.default_rng([seed, 1729])
+    return [int(rng.choice(chunk)) for chunk in np.array_split(np.array(train), k)]
+
+
+@functools.lru_cache(maxsize=2)
+def load_case(data: str) -> SimpleNamespace:
+    """The real CT, its pseudo-labels, label names and the [0, 1] windowed array (cached per process)."""
+    from samora.data import IntensityWindow, load_label, load_volume, normalise
+
+    folder = Path(data) / "ct_abdomen_totalseg"
+    volume = load_volume(folder / "image.nii.gz")
+    labels, _ = load_label(folder / "label.nii.gz", like=volume)
+    names = json.loads((folder / "labels.json").read_text())["labels"]
+    label_map = {name: int(idx) for idx, name in names.items() if int(idx) > 0}
+    return SimpleNamespace(
+        volume=volume,
+        labels=np.asarray(labels).astype(np.int16),
+        label_map=label_map,
+        v01=normalise(volume.array, IntensityWindow.ct_abdomen()),
+        axis=volume.axial_axis,
+        spacing=volume.spacing,
+    )
+
+
+def test_organs(case: SimpleNamespace, split: Split) -> dict[str, int]:
+    """Labels present in the test slabs (the only ones scored)."""
+    test = np.take(case.labels, list(split.test), axis=case.axis)
+    return {n: i for n, i in case.label_map.items() if (test == i).any()}
+
+
+# ----- one run ---------------------------------------------------------------------------------------------------
+
+
+def segment_test_slabs(model: Any, case: SimpleNamespace, split: Split, image_size: int) -> np.ndarray:
+    """samora.engine.inference.segment_volume on each test slab (as its own volume), pasted into the full grid."""
+    from samora.data import IntensityWindow, Volume
+    from samora.engine.inference import segment_volume
+
+    pred = np.zeros(case.labels.shape, dtype=np.int16)
+    for start, stop in split.test_slabs:
+        index = [slice(None)] * 3
+        index[case.axis] = slice(start, stop)
+        affine = case.volume.affine.copy()
+        affine[:3, 3] = affine[:3, 3] + affine[:3, case.axis] * start  # the slab's own origin
+        slab = Volume(case.volume.array[tuple(index)].copy(), affine, case.volume.path, "CT")
+        pred[tuple(index)] = segment_volume(model, slab, IntensityWindow.ct_abdomen(), batch_size=8).labels
+    return pred
+
+
+def cropped_class_metrics(
+    pred: np.ndarray, truth: np.ndarray, labels: dict[str, int], spacing: Sequence[float], margin: int = 2
+) -> dict[str, dict[str, float]]:
+    """samora.metrics.class_metrics per organ, each on the bounding box of its prediction and truth (plus a margin).
+
+    Same numbers as samora.metrics.volume_metrics (distances do not depend on empty space around the masks), at a
+    fraction of the cost of MONAI's edge extraction on the whole grid.
+    """
+    from samora.metrics import class_metrics
+
+    out = {}
+    for name, label in labels.items():
+        union = (pred == label) | (truth == label)
+        if not union.any():
+            out[name] = class_metrics(pred[:1, :1, :1], truth[:1, :1, :1], label, spacing)
+            continue
+        box = []
+        for axis in range(3):
+            other = tuple(a for a in range(3) if a != axis)
+            hits = np.flatnonzero(union.any(axis=other))
+            box.append(slice(max(0, hits[0] - margin), hits[-1] + 1 + margin))
+        crop = tuple(box)
+        out[name] = class_metrics(pred[crop], truth[crop], label, spacing)
+    return out
+
+
+def score(pred: np.ndarray, case: SimpleNamespace, split: Split) -> dict[str, Any]:
+    """Metrics over the test slabs only (everything else set to background in both)."""
+    keep = np.zeros(case.labels.shape[case.axis], dtype=bool)
+    keep[list(split.test)] = True
+    shape = [1, 1, 1]
+    shape[case.axis] = -1
+    mask = keep.reshape(shape)
+    truth = np.where(mask, case.labels, 0)
+    pred = np.where(mask, pred, 0)
+    organs = test_organs(case, split)
+    classes = cropped_class_metrics(pred, truth, organs, case.spacing)
+    hd_mm = [c["hd95_mm"] for c in classes.values()]
+    present = [c["dice"] for c in classes.values() if not math.isnan(c["dice"])]
+    return {
+        "organs": classes,
+        "mean_dice": float(np.mean(present)) if present else math.nan,
+        "mean_hd95_mm_detected": float(np.mean(finite(hd_mm))) if finite(hd_mm) else math.nan,
+        "n_missed": int(sum(1 for v in hd_mm if math.isinf(v))),
+        "samed_mean_dice": float(np.mean([c["samed_dice"] for c in classes.values()])),
+        "samed_mean_hd95": float(np.mean([c["samed_hd95"] for c in classes.values()])),
+    }
+
+
+def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune one method on one label budget with one seed; score it on the test slabs."""
+    from samora.engine.train import evaluate_slices, finetune, slices_from_arrays
+
+    start = time.perf_counter()
+    spec = METHODS[method]
+    case = load_case(settings["data"])
+    split = split_slabs(case.labels.shape[case.axis])
+    size = settings["image_size"]
+    chosen = budget_indices(split.train, budget, seed)
+    rng = np.random.default_rng(seed)
+    train = slices_from_arrays(case.v01, case.labels, case.axis, size, "single", "ct", 1.0, rng, chosen)
+    model = build_model(
+        spec,
+        case.label_map,
+        size,
+        seed,
+        settings["preset"],
+        settings["checkpoint"],
+        settings["experts"].get(str(seed)) if spec.ssl else None,
+    )
+    params = trainable_count(model)
+    config = finetune_config(settings["steps"], len(train), settings["batch_size"], settings["lr"], seed)
+    curve: list[dict[str, float]] = []
+    record_curve = budget in settings["curve_budgets"]
+    heldout = (
+        slices_from_arrays(case.v01, case.labels, case.axis, size, "single", "test", 1.0, rng, split.test)
+        if record_curve
+        else None
+    )
+    every = settings["epoch_steps"]
+    next_mark = every
+
+    def on_epoch(record: dict) -> None:
+        nonlocal next_mark
+        if heldout is None or (record["step"] < next_mark and record["step"] < config.max_steps):
+            return
+        curve.append(
+            {
+                "step": record["step"],
+                "epoch": record["step"] / every,
+                "heldout_dice": evaluate_slices(model, heldout, 8),
+                "train_dice": record["val_dice"],
+                "loss": record["loss"],
+            }
+        )
+        next_mark = (record["step"] // every + 1) * every
+
+    history = finetune(model, train, config, val=None, on_epoch=on_epoch)
+    train_seconds = history["total_time"]
+    pred = segment_test_slabs(model, case, split, size)
+    metrics = score(pred, case, split)
+    return {
+        "method": method,
+        "budget": budget,
+        "seed": seed,
+        "n_train_slices": len(train),
+        "train_slices": chosen,
+        "trainable_params": params,
+        "steps": history["steps"],
+        "epochs_run": len(history["history"]),
+        "best_epoch": history["best_epoch"],
+        "final_loss": history["history"][-1]["loss"],
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - start,
+        "curve": curve,
+        **metrics,
+    }
+
+
+# ----- the benchmark ---------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every (method, budget, seed) job and the SSL jobs they need; returns the JSON record."""
+    wall = time.perf_counter()
+    base = dict(QUICK if args.quick else DEFAULTS)
+    for key in ("seeds", "budgets", "methods", "image_size", "steps", "batch_size", "lr", "ssl_steps"):
+        value = getattr(args, key, None)
+        if value is not None:
+            base[key] = value
+    unknown = [m for m in base["methods"] if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    preset = preset_for(args.checkpoint, args.preset)
+    work = Path(args.work)
+    data = str(Path(args.data))
+    case = load_case(data)
+    depth = case.labels.shape[case.axis]
+    split = split_slabs(depth)
+    organs = test_organs(case, split)
+    epoch_steps = math.ceil(len(split.train) / base["batch_size"])
+    needs_ssl = any(METHODS[m].ssl for m in base["methods"])
+    spec = SSLSpec(
+        preset=preset,
+        image_size=base["image_size"],
+        steps=base["ssl_steps"],
+        batch_size=base["ssl_batch_size"],
+        checkpoint=args.checkpoint,
+        studies=tuple(str(p) for p in ssl_studies(Path(data))),
+    )
+    ssl_info = build_ssl_cache(work, spec) if needs_ssl else None
+    experts = {str(s): str(ssl_dir(work, spec, s)) for s in base["seeds"]}
+    settings = {
+        "data": data,
+        "image_size": base["image_size"],
+        "steps": base["steps"],
+        "batch_size": base["batch_size"],
+        "lr": base["lr"],
+        "preset": preset,
+        "checkpoint": args.checkpoint,
+        "experts": experts,
+        "curve_budgets": [1.0],
+        "epoch_steps": epoch_steps,
+    }
+    jobs: list[Job] = []
+    if needs_ssl:
+        for seed in base["seeds"]:
+            jobs.append(
+                Job(f"ssl/{seed}", run_ssl_job, {"work": str(work), "spec": spec_dict(spec), "seed": seed}, cost=1e6)
+            )
+    for seed in base["seeds"]:
+        for budget in base["budgets"]:
+            for method in base["methods"]:
+                jobs.append(
+                    Job(
+                        f"{method}/{budget}/{seed}",
+                        run_fewshot_job,
+                        {"method": method, "budget": budget, "seed": seed, "settings": settings},
+                        after=(f"ssl/{seed}",) if METHODS[method].ssl else (),
+                        cost=RELATIVE_COST.get(method, 1.0),
+                    )
+                )
+    print(f"fewshot: {len(jobs)} jobs on {args.workers} workers x {args.threads} thread(s)", flush=True)
+
+    def progress(job: Job, result: dict) -> None:
+        if job.key.startswith("ssl/"):
+            losses = {
+                k: (round(v["first_loss"] or 0, 3), round(v["final_loss"] or 0, 3)) for k, v in result["levels"].items()
+            }
+            print(f"  {job.key}: {result['seconds']:.0f} s, loss first->final {losses}", flush=True)
+        else:
+            print(
+                f"  {job.key}: mean Dice {result['mean_dice']:.3f} ({result['n_train_slices']} slices, "
+                f"{result['train_seconds']:.0f} s training)",
+                flush=True,
+            )
+
+    results = run_jobs(jobs, args.workers, args.threads, progress)
+    runs = [r for k, r in results.items() if not k.startswith("ssl/")]
+    ssl_runs = [r for k, r in results.items() if k.startswith("ssl/")]
+    record = {
+        "benchmark": "fewshot",
+        "command": command_line(),
+        "date": now_utc(),
+        "machine": machine_info(args.workers, args.threads),
+        "quick": bool(args.quick),
+        "settings": {
+            **{k: v for k, v in base.items()},
+            "preset": preset,
+            "checkpoint": args.checkpoint,
+            "backbone": "random-initialised (seeded by the run seed)" if not args.checkpoint else args.checkpoint,
+            "context": "single (grey slice x3)",
+            "intensity_window_hu": [-125, 275],
+            "optimiser": "AdamW, weight decay 0.1, 5% linear warm-up then poly(0.9); grad-clip 1.0",
+            "loss": "0.2 * CE + 0.8 * Dice over all classes (samora SegmentationLoss); H-SAM adds its low-res term",
+            "augmentation": "none (same for every method)",
+            "checkpoint_choice": "finetune() keeps the epoch with the best Dice on the labelled training slices",
+            "steps_per_full_data_epoch": epoch_steps,
+            "ssl": {**spec_dict(spec), "lr": spec.lr, "cache": ssl_info} if ssl_info else None,
+        },
+        "data": {
+            "volume": str(Path(data) / "ct_abdomen_totalseg" / "image.nii.gz"),
+            "shape": list(case.labels.shape),
+            "spacing_mm": list(case.spacing),
+            "note": PSEUDO_LABEL_NOTE,
+            "split": split.describe(depth),
+            "train_slices": list(split.train),
+            "test_slices": list(split.test),
+            "test_organs": organs,
+            "labels_in_model": case.label_map,
+        },
+        "methods": {k: METHODS[k].title for k in base["methods"]},
+        "ssl_runs": ssl_runs,
+        "runs": sorted(runs, key=lambda r: (r["method"], r["budget"], r["seed"])),
+        "wall_s": time.perf_counter() - wall,
+    }
+    return record
+
+
+def runs_of(record: dict, method: str, budget: float) -> list[dict]:
+    """The seeds' runs of one method at one budget."""
+    return [r for r in record["runs"] if r["method"] == method and math.isclose(r["budget"], budget)]
+
+
+def plot(record: dict, out: Path) -> Path:
+    """Mean Dice vs label budget, one line per method."""
+    budgets = record["settings"]["budgets"]
+    series = {}
+    for method in record["methods"]:
+        ys_by_seed: dict[int, list[float]] = {}
+        for budget in budgets:
+            for r in runs_of(record, method, budget):
+                ys_by_seed.setdefault(r["seed"], []).append(as_float(r["mean_dice"]))
+        ys = [v for v in ys_by_seed.values() if len(v) == len(budgets)]
+        series[method] = ([100 * b for b in budgets], ys)
+    return plot_lines(
+        series,
+        out / "fewshot_dice.png",
+        "Few-shot Dice on test slabs of ct_abdomen_totalseg (pseudo-labels), mean ± std over seeds",
+        "labelled training slices (%)",
+        "mean Dice over test organs",
+        xticks=[100 * b for b in budgets],
+        xticklabels=[f"{100 * b:g}%" for b in budgets],
+        logx=True,
+    )
+
+
+def render_markdown(record: dict) -> str:
+    """The few-shot section of docs/benchmarks.md."""
+    s = record["settings"]
+    budgets = s["budgets"]
+    methods = list(record["methods"])
+    seeds = s["seeds"]
+    organs = list(record["data"]["test_organs"])
+    out = [
+        "## 1. Few-shot quality on real CT",
+        "",
+        f"- Data: `ct_abdomen_totalseg`, {record['data']['shape']} voxels at {record['data']['spacing_mm']} mm. "
+        + record["data"]["note"],
+        f"- Split: {record['data']['split']}",
+        f"- Scored organs (present in the test slabs, {len(organs)}): {', '.join(organs)}. The model predicts all "
+        f"{len(record['data']['labels_in_model'])} labels of `labels.json`.",
+        f"- Label budgets: {', '.join(f'{100 * b:g}%' for b in budgets)} of the {len(record['data']['train_slices'])} "
+        "training slices (round(fraction x n), stratified along z: one random slice from each of k equal runs).",
+        f"- Backbone: `{s['preset']}`, {s['backbone']}. " + (RANDOM_BACKBONE_NOTE if not s["checkpoint"] else ""),
+        f"- Same budget for every method: {s['steps']} optimiser steps of batch {s['batch_size']} "
+        f"(= {s['steps'] / s['steps_per_full_data_epoch']:.0f} epochs of the full training set), lr {s['lr']}, "
+        f"{s['optimiser']}; loss {s['loss']}; augmentation: {s['augmentation']}; input {s['image_size']}x"
+        f"{s['image_size']}, window {s['intensity_window_hu']} HU; {s['checkpoint_choice']}.",
+        f"- Seeds: {seeds}. The seed sets the random backbone and new heads, the budget's slice draw, the data order "
+        "and the SSL run. SAMora variants of a seed share that seed's experts.",
+    ]
+    if s.get("ssl"):
+        ssl = s["ssl"]
+        cache = ssl.get("cache") or {}
+        out.append(
+            f"- SSL (stage 1, images only, never labels): {ssl['steps']} steps per expert (image: contrastive, "
+            f"patch: masked modelling, pixel: denoising), batch {ssl['batch_size']}, lr {ssl['lr']}, on "
+            f"{cache.get('slices', '?')} informative slices of {len(cache.get('per_study', {}))} CT scans "
+            f"({', '.join(f'{k}: {v}' for k, v in cache.get('per_study', {}).items())}): all slices of the abdomen "
+            "study including its test slabs, plus the unlabelled chest CTs, the DeepLesion pelvis and the 3-slice "
+            "dcmqi CT. The MR scans are not used (other modality)."
+        )
+        for r in record["ssl_runs"]:
+            losses = ", ".join(
+                f"{lv} {v['first_loss']:.3f}->{v['final_loss']:.3f}"
+                for lv, v in r["levels"].items()
+                if v.get("first_loss") is not None
+            )
+            out.append(f"  - seed {r['seed']}: {r['seconds']:.0f} s; loss first->last 10 steps: {losses}")
+    out += ["", "### Mean over test organs (mean ± std over seeds)", ""]
+    headers = ["method", "trainable params"] + [f"Dice @ {100 * b:g}%" for b in budgets]
+    rows = []
+    for m in methods:
+        params = next((r["trainable_params"] for r in record["runs"] if r["method"] == m), 0)
+        rows.append(
+            [record["methods"][m], f"{params:,}"]
+            + [fmt_ms([r["mean_dice"] for r in runs_of(record, m, b)]) for b in budgets]
+        )
+    out.append(md_table(headers, rows))
+    out += [
+        "",
+        "HD95 in mm (spacing-aware convention of METHOD.md §6, averaged over the organs the model detected; "
+        "`missed` = organs with an empty prediction, whose HD95 is infinite), and the SAMed/H-SAM convention "
+        "(voxel units; an empty prediction scores Dice 0 and HD95 0, so missing an organ *lowers* its mean HD95):",
+        "",
+    ]
+    headers = ["method"]
+    for b in budgets:
+        headers += [f"HD95 mm @ {100 * b:g}%", f"missed @ {100 * b:g}%", f"SAMed Dice / HD95 vox @ {100 * b:g}%"]
+    rows = []
+    for m in methods:
+        row = [record["methods"][m]]
+        for b in budgets:
+            rs = runs_of(record, m, b)
+            row += [
+                fmt_ms([r["mean_hd95_mm_detected"] for r in rs], 1),
+                fmt_ms([r["n_missed"] for r in rs], 1),
+                f"{fmt_ms([r['samed_mean_dice'] for r in rs], 3)} / {fmt_ms([r['samed_mean_hd95'] for r in rs], 1)}",
+            ]
+        rows.append(row)
+    out.append(md_table(headers, rows))
+    out += ["", "![few-shot Dice](fewshot_dice.png)", ""]
+    out.append("### Per organ")
+    out.append("")
+    out.append(
+        "Cells: mean ± std over seeds. HD95 mm: infinite values (empty prediction) are counted as `missed k/n` and "
+        "left out of the mean."
+    )
+    for b in budgets:
+        for title, key, digits in (
+            ("Dice", "dice", 2),
+            ("HD95 (mm)", "hd95_mm", 1),
+            ("SAMed-convention Dice", "samed_dice", 2),
+            ("SAMed-convention HD95 (voxels)", "samed_hd95", 1),
+        ):
+            out += ["", f"<details><summary>{title} per organ at {100 * b:g}% of the training slices</summary>", ""]
+            short = [m for m in methods]
+            rows = []
+            for organ in organs:
+                rows.append(
+                    [organ]
+                    + [
+                        fmt_ms([r["organs"][organ][key] for r in runs_of(record, m, b)], digits, "missed")
+                        for m in short
+                    ]
+                )
+            out.append(md_table(["organ", *short], rows))
+            out += ["", "</details>"]
+    out += ["", f"Method keys: {', '.join(f'`{k}` = {v}' for k, v in record['methods'].items())}.", ""]
+    return "\n".join(out)
+
+
+def comparisons(record: dict) -> list[str]:
+    """Plain statements comparing SAMora with the baselines, computed from the numbers."""
+    lines = []
+    budgets = record["settings"]["budgets"]
+    methods = record["methods"]
+
+    def mean_of(m: str, b: float) -> float:
+        return mean_std([r["mean_dice"] for r in runs_of(record, m, b)])[0]
+
+    for b in budgets:
+        if "samora" not in methods:
+            continue
+        ours = mean_of("samora", b)
+        ranked = sorted(((mean_of(m, b), m) for m in methods), key=lambda t: -t[0] if not math.isnan(t[0]) else 1)
+        best_value, best = ranked[0]
+        parts = []
+        for ref in ("samed", "hsam", "unet"):
+            if ref in methods:
+                ref_value = mean_of(ref, b)
+                verdict = "beats" if ours > ref_value else "does not beat"
+                parts.append(f"{verdict} {ref} ({ours:.3f} vs {ref_value:.3f})")
+        lines.append(
+            f"At {100 * b:g}% of the slices SAMora (b) {'; '.join(parts)}; best method: `{best}` ({best_value:.3f})."
+        )
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options (also used by bench/efficiency.py to run the 100%-budget runs itself)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--data", default=str(DATA), help="the shared data folder")
+    parser.add_argument("--budgets", type=float, nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {list(METHODS)}")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning optimiser steps per run")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--ssl-steps", type=int, default=None, help="SSL steps per expert")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    record = run(args)
+    out = Path(args.out)
+    path = write_json(out / "results" / "fewshot.json", record)
+    plot(record, out)
+    print(render_markdown(record))
+    for line in comparisons(record):
+        print(line)
+    print("\n".join(header_lines(record)))
+    print(f"wrote {path} and {out / 'fewshot_dice.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
