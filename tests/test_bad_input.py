@@ -13,8 +13,11 @@ import pytest
 
 
 def _snapshot(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
 
 
 def _nifti(path, data, spacing=(2.0, 2.0, 2.0)):
@@ -53,7 +56,6 @@ def test_bad_volumes_get_422_and_nothing_changes(client, tmp_path):
     assert _snapshot(client.store["studies"]) == before
 
 
-
 @pytest.mark.parametrize(
     ("params", "pattern"),
     [
@@ -76,8 +78,11 @@ def test_bad_prompts_get_422(client, params, pattern):
 
 def _put_label(client, image, path, params):
     with open(path, "rb") as f:
-        return client.put(f"/datastore/label?image={image}&tag=final", files={"label": (path.name, f)},
-                          data={"params": json.dumps(params)})
+        return client.put(
+            f"/datastore/label?image={image}&tag=final",
+            files={"label": (path.name, f)},
+            data={"params": json.dumps(params)},
+        )
 
 
 def test_bad_labels_are_refused_before_saving(client, tmp_path):
@@ -124,3 +129,38 @@ def test_valid_image_upload_still_works(client, tmp_path):
         r = client.put("/datastore/?image=new_case", files={"file": ("ok.nii.gz", f)}, data={"params": "{}"})
     assert r.status_code == 200, r.text
     assert (client.store["studies"] / "new_case.nii.gz").is_file()
+
+
+def _bad_json_requests(client, tmp_path):
+    """Every endpoint that takes a JSON `params`, fed malformed JSON (form field or request body)."""
+    image = client.store["unlabeled"][0]
+    label = client.store["studies"] / "labels" / "final" / f"{client.store['labeled'][0]}.nii.gz"
+    body = {"content": b"{bad", "headers": {"Content-Type": "application/json"}}
+    return {
+        "infer": lambda: client.post(f"/infer/samora?image={image}", data={"params": "{bad"}),
+        "infer not an object": lambda: client.post(f"/infer/samora?image={image}", data={"params": '"liver"'}),
+        "label upload": lambda: client.put(
+            f"/datastore/label?image={image}&tag=final",
+            files={"label": ("l.nii.gz", label.read_bytes())},
+            data={"params": "{bad"},
+        ),
+        "image upload": lambda: client.put(
+            "/datastore/?image=new_case",
+            files={"file": ("i.nii.gz", (client.store["studies"] / f"{image}.nii.gz").read_bytes())},
+            data={"params": "{bad"},
+        ),
+        "image info": lambda: client.put(f"/datastore/image/info?image={image}", data={"info": "{bad"}),
+        "train": lambda: client.post("/train/samora?run_sync=true", **body),
+        "scoring": lambda: client.post("/scoring/samora_uncertainty?run_sync=true", **body),
+        "activelearning": lambda: client.post("/activelearning/first", **body),
+    }
+
+
+def test_malformed_params_json_gets_4xx_naming_it(client, tmp_path):
+    before = _snapshot(client.store["studies"])
+    for name, send in _bad_json_requests(client, tmp_path).items():
+        r = send()
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
+        assert re.search("JSON|json", str(r.json()["detail"])), (name, r.json())
+        assert client.get("/info/").status_code == 200
+    assert _snapshot(client.store["studies"]) == before

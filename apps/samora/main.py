@@ -14,6 +14,7 @@ from monailabel.tasks.activelearning.random import Random
 import samora
 from lib.activelearning.uncertainty import UncertaintyStrategy
 from lib.datastore import SamoraDatastore
+from lib.errors import install_form_json_handler
 from lib.infers.prompt import SamoraPrompt
 from lib.infers.segmentation import SamoraSegmentation
 from lib.scoring.uncertainty import SamoraUncertaintyScoring
@@ -80,6 +81,7 @@ class SamoraApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
+        install_form_json_handler()  # malformed `params` JSON: 422, not MONAI Label's 500
         if self.settings.bootstrap != "auto":
             return
         store = self.runtime.store

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
+from fastapi.responses import JSONResponse
 
 from samora.data import VolumeError
 from samora.serving.interactive import PromptError
@@ -31,3 +34,59 @@ def client_errors(action: str) -> Iterator[None]:
         raise HTTPException(status_code=status, detail=f"{action}: {e}") from e
     except MemoryError as e:
         raise HTTPException(status_code=413, detail=f"{action}: input too large for this server's memory") from e
+
+
+# MONAI Label 0.8.5 json.loads its form fields (`params`, `info`) inside its own endpoints, before any app code runs,
+# so a malformed field escapes as a 500. Its FastAPI app is already started when our app exists (the app is created
+# in the lifespan), so add_middleware is refused; exception handlers are read when the middleware stack is built,
+# hence the handler is registered and the stack is dropped for Starlette to rebuild on the next request.
+FORM_JSON_FIELDS = ("params", "info")
+ENDPOINTS_DIR = os.sep + os.path.join("monailabel", "endpoints") + os.sep
+
+
+def install_form_json_handler() -> None:
+    """Answer 422 naming the field when a MONAI Label endpoint fails on a malformed JSON form field."""
+    module = sys.modules.get("monailabel.app")  # absent in task subprocesses and other ASGI hosts
+    api = getattr(module, "app", None)
+    if api is None or api.exception_handlers.get(ValueError) is _form_json_error:
+        return
+    api.add_exception_handler(ValueError, _form_json_error)  # json.JSONDecodeError is a ValueError
+    api.add_exception_handler(TypeError, _form_json_error)  # dict.update() on a JSON list, string or number
+    api.middleware_stack = None
+
+
+def _form_json_error(request: Request, exc: Exception) -> JSONResponse:
+    field = _bad_form_field(exc)
+    if field is None:
+        raise exc  # not a malformed field: a real server error, answered 500 as before
+    name, value = field
+    log.warning("%s refused: form field %s=%.200r is not a JSON object", request.url.path, name, value)
+    detail = f"form field {name!r} must be a JSON object: {_json_problem(value)}"
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+def _bad_form_field(exc: Exception) -> tuple[str, str] | None:
+    """(name, value) of the malformed JSON field when `exc` was raised by a MONAI Label endpoint's own code."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    frames = [f for f in frames if os.path.dirname(json.__file__) != os.path.dirname(f.f_code.co_filename)]
+    if not frames or ENDPOINTS_DIR not in frames[-1].f_code.co_filename:
+        return None  # raised inside app or library code, not while MONAI Label read the request
+    local = frames[-1].f_locals
+    for name in FORM_JSON_FIELDS:
+        value = local.get(name)
+        if isinstance(value, str) and _json_problem(value):
+            return name, value
+    return None
+
+
+def _json_problem(value: str) -> str:
+    """Why `value` is not a JSON object, or "" if it is one."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        return f"invalid JSON ({e})"
+    return "" if isinstance(parsed, dict) else f"JSON {type(parsed).__name__}, not an object"
