@@ -164,3 +164,73 @@ def test_malformed_params_json_gets_4xx_naming_it(client, tmp_path):
         assert re.search("JSON|json", str(r.json()["detail"])), (name, r.json())
         assert client.get("/info/").status_code == 200
     assert _snapshot(client.store["studies"]) == before
+
+
+def _broken_dicom_dirs(tmp, shared_data):
+    """Copies of a real 3-slice CT series: tags removed, a slice without pixels, two series mixed."""
+    import shutil
+
+    import pydicom
+
+    def variant(name, edit):
+        folder = tmp / name
+        shutil.copytree(shared_data / "ct_3slice_dcmqi" / "dicom", folder)
+        for i, path in enumerate(sorted(folder.iterdir())):
+            ds = pydicom.dcmread(path)
+            edit(i, ds)
+            ds.save_as(path)
+        return folder
+
+    def drop(*tags, only=None):
+        def edit(i, ds):
+            for tag in tags if only in (None, i) else ():
+                delattr(ds, tag)
+
+        return edit
+
+    def second_series(i, ds):
+        if i == 2:
+            ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".2"
+
+    return {
+        "no position": (variant("pos", drop("ImagePositionPatient", only=1)), "ImagePositionPatient"),
+        "no spacing": (variant("spacing", drop("PixelSpacing")), "PixelSpacing"),
+        "no pixels": (variant("pixels", drop("PixelData", only=1)), "3 DICOM files but only 2 slices"),
+        "mixed series": (variant("mixed", second_series), "2 DICOM series"),
+    }
+
+
+def test_broken_dicom_series_get_422_and_nothing_changes(client, tmp_path, shared_data):
+    # the local datastore lists files only; a DICOM directory reaches the app by server path (as DICOMweb's cache does)
+    before = _snapshot(client.store["studies"])
+    for name, (folder, pattern) in _broken_dicom_dirs(tmp_path, shared_data).items():
+        r = client.post(f"/infer/samora?image={folder}", data={"params": "{}"})
+        assert r.status_code == 422, (name, r.status_code, r.text[:300])
+        assert pattern in r.json()["detail"], (name, r.json())
+        assert client.get("/info/").status_code == 200
+    assert _snapshot(client.store["studies"]) == before
+
+
+def test_volume_over_the_voxel_budget_gets_413_before_loading(client, tmp_path, monkeypatch):
+    from samora.data import volumes
+
+    assert volumes._max_voxels == 512 * 512 * 2048  # the app set the default conf max_voxels
+    monkeypatch.setattr(volumes, "_max_voxels", 32 * 32 * 8 - 1)  # what `--conf max_voxels 8191` sets
+    monkeypatch.setattr(volumes, "_read", lambda *a: pytest.fail("voxels read despite the budget"))
+    big = _nifti(tmp_path / "big.nii.gz", np.random.default_rng(2).normal(0, 100, (32, 32, 8)).astype(np.int16))
+    image = client.store["unlabeled"][0]
+    before = _snapshot(client.store["studies"])
+    with open(big, "rb") as f:
+        r = client.post("/infer/samora", files={"file": ("big.nii.gz", f)}, data={"params": "{}"})
+    assert r.status_code == 413, r.text[:300]
+    assert re.search(r"32 x 32 x 8 = 8,192 voxels .* limit of 8,191 voxels \(max_voxels\)", r.json()["detail"])
+    for send in (
+        lambda: client.post(f"/infer/samora?image={image}", data={"params": "{}"}),
+        lambda: client.put("/datastore/?image=big_case", files={"file": ("big.nii.gz", big.read_bytes())}),
+        lambda: _put_label(client, image, big, {}),
+    ):
+        r = send()
+        assert r.status_code == 413, r.text[:300]
+        assert "max_voxels" in r.json()["detail"]
+    assert client.get("/info/").status_code == 200
+    assert _snapshot(client.store["studies"]) == before

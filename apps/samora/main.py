@@ -20,6 +20,7 @@ from lib.infers.segmentation import SamoraSegmentation
 from lib.scoring.uncertainty import SamoraUncertaintyScoring
 from lib.trainers.bootstrap import SamoraBootstrapTrainer
 from lib.trainers.finetune import SamoraFinetuneTrainer
+from samora.data.volumes import set_max_voxels
 from samora.serving.runtime import ModelRuntime
 from samora.serving.settings import AppSettings
 
@@ -33,6 +34,7 @@ class SamoraApp(MONAILabelApp):
         self.settings = AppSettings.from_conf(conf)
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
+        set_max_voxels(self.settings.max_voxels)  # every volume this process loads, server or task subprocess
         model_dir = self.settings.model_dir or os.path.join(app_dir, "model")
         self.runtime = ModelRuntime(self.settings, model_dir)
         self._labels_since_training = 0

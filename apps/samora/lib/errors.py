@@ -13,6 +13,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from samora.data import VolumeError
+from samora.data.volumes import VolumeTooLarge
 from samora.serving.interactive import PromptError
 from samora.serving.labels import LabelMappingError
 from samora.serving.validation import UploadError
@@ -23,13 +24,13 @@ CLIENT_ERRORS = (VolumeError, PromptError, LabelMappingError, UploadError, json.
 
 @contextmanager
 def client_errors(action: str) -> Iterator[None]:
-    """Turn a client's bad input into HTTP 422 (400 for missing files) naming the problem."""
+    """Turn a client's bad input into HTTP 422 (404 for missing files, 413 over the memory budget) naming it."""
     try:
         yield
     except HTTPException:
         raise
     except CLIENT_ERRORS as e:
-        status = 404 if isinstance(e, FileNotFoundError) else 422
+        status = 404 if isinstance(e, FileNotFoundError) else 413 if isinstance(e, VolumeTooLarge) else 422
         log.warning("%s refused: %s", action, e)
         raise HTTPException(status_code=status, detail=f"{action}: {e}") from e
     except MemoryError as e:

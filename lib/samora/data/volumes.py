@@ -21,12 +21,14 @@ from samora.io_utils import atomic_write
 __all__ = [
     "Volume",
     "VolumeError",
+    "VolumeTooLarge",
     "axial_axis_of",
     "is_dicom_dir",
     "load_label",
     "load_volume",
     "save_image",
     "save_label",
+    "set_max_voxels",
     "volume_suffix",
 ]
 
@@ -35,10 +37,23 @@ NRRD_SUFFIXES = (".nrrd", ".nhdr")
 MODALITIES = ("CT", "MR")
 MAX_SPACING_MM = 50.0
 AFFINE_TOLERANCE = 1e-3
+# without these a slice's place and size are unknown, and ITK silently falls back to 1 mm spacing and file order
+DICOM_GEOMETRY_TAGS = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
+_max_voxels = 0  # process-wide memory budget (the app's conf max_voxels); 0 = no limit
 
 
 class VolumeError(ValueError):
     """A file that cannot be used as a 3D volume or label; the message names the file and the problem."""
+
+
+class VolumeTooLarge(VolumeError):
+    """A volume whose header promises more voxels than the memory budget allows (refused before reading voxels)."""
+
+
+def set_max_voxels(limit: int) -> None:
+    """Refuse, from the header, volumes and labels of more than `limit` voxels (0 = no limit) in this process."""
+    global _max_voxels
+    _max_voxels = max(0, int(limit))
 
 
 @dataclass
@@ -98,10 +113,9 @@ def is_dicom_dir(path: str | os.PathLike) -> bool:
 def load_volume(path: str | os.PathLike, modality: str | None = None, check: bool = True) -> Volume:
     """Load a NIfTI/NRRD file or a one-series DICOM directory as a validated float32 3D Volume."""
     path = Path(path)
-    dicom_modality = None
-    if path.is_dir():
-        dicom_modality = _scan_dicom_series(path)
+    dicom_modality, n_files = _check_size(path)
     array, affine = _read(path)
+    _check_slice_count(array, n_files, path)
     array = _as_3d(array, path)
     array = np.ascontiguousarray(array, dtype=np.float32)
     if check:
@@ -133,9 +147,9 @@ def guess_modality(array: np.ndarray) -> str:
 def load_label(path: str | os.PathLike, like: Volume | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load an integer label map as (int16 array, voxel->RAS affine), optionally checked against a Volume's grid."""
     path = Path(path)
-    if path.is_dir():
-        _scan_dicom_series(path)
+    _, n_files = _check_size(path)
     array, affine = _read(path)
+    _check_slice_count(array, n_files, path)
     array = _as_3d(array, path)
     _check_affine(affine, path)
     if not np.all(np.isfinite(array)):
@@ -288,6 +302,47 @@ def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
+def _check_size(path: Path) -> tuple[str | None, int]:
+    """Check the header's voxel count against the budget before any voxel is read; (DICOM modality, file count)."""
+    modality, n_files, shape = None, 0, None
+    if path.is_dir():
+        modality, n_files, shape = _scan_dicom_series(path)
+    elif _max_voxels:
+        shape = _header_shape(path)
+    voxels = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    if _max_voxels and voxels > _max_voxels:
+        raise VolumeTooLarge(
+            f"{path}: volume of {' x '.join(map(str, shape))} = {voxels:,} voxels ({voxels * 4 / 2**20:,.0f} MiB as "
+            f"float32) is over this server's limit of {_max_voxels:,} voxels (max_voxels)"
+        )
+    return modality, n_files
+
+
+def _header_shape(path: Path) -> tuple[int, ...] | None:
+    """Voxel grid from a NIfTI/NRRD header alone; None when the header is unreadable (_read then says why)."""
+    try:
+        if volume_suffix(path) in NIFTI_SUFFIXES:
+            import nibabel as nib
+
+            return tuple(nib.load(str(path)).shape)
+        if volume_suffix(path) in NRRD_SUFFIXES:
+            import nrrd
+
+            return tuple(int(s) for s in nrrd.read_header(str(path))["sizes"])
+    except Exception:  # corrupt headers are reported by _read with the reader's own message
+        return None
+    return None
+
+
+def _check_slice_count(array: np.ndarray, n_files: int, path: Path) -> None:
+    """A single-frame series must give one slice per file: ITK silently skips files it cannot read."""
+    if n_files > 1 and array.ndim == 3 and array.shape[2] != n_files:
+        raise VolumeError(
+            f"{path}: the series has {n_files} DICOM files but only {array.shape[2]} slices could be read "
+            "(files without pixel data?)"
+        )
+
+
 def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
     norms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     return (float(norms[0]), float(norms[1]), float(norms[2]))
@@ -330,13 +385,14 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
 
 
-def _scan_dicom_series(path: Path) -> str | None:
-    """Check a directory holds exactly one DICOM series; return its Modality tag."""
+def _scan_dicom_series(path: Path) -> tuple[str | None, int, tuple[int, int, int]]:
+    """Check a directory holds one complete single-frame DICOM series; (Modality tag, file count, voxel grid)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     series: dict[str, list[str]] = defaultdict(list)
     modalities: dict[str, str] = {}
+    headers = []
     for child in sorted(path.iterdir()):
         if not child.is_file() or child.name.startswith("."):
             continue
@@ -351,9 +407,38 @@ def _scan_dicom_series(path: Path) -> str | None:
             continue
         series[uid].append(child.name)
         modalities.setdefault(uid, str(getattr(header, "Modality", "") or "").upper())
+        headers.append((child.name, header))
     if not series:
         raise VolumeError(f"{path}: directory holds no readable DICOM files")
     if len(series) > 1:
         listing = "; ".join(f"{uid} ({len(files)} files)" for uid, files in sorted(series.items()))
         raise VolumeError(f"{path}: holds {len(series)} DICOM series, expected one: {listing}")
-    return next(iter(modalities.values()))
+    frames = int(headers[0][1].get("NumberOfFrames", 1) or 1)
+    if len(headers) == 1 and frames > 1:
+        h = headers[0][1]
+        return next(iter(modalities.values())), 1, (int(h.Columns), int(h.Rows), frames)  # one multi-frame file
+    _check_dicom_geometry(path, headers)
+    h = headers[0][1]
+    return next(iter(modalities.values())), len(headers), (int(h.Columns), int(h.Rows), len(headers))
+
+
+def _check_dicom_geometry(path: Path, headers: list) -> None:
+    """Every slice names its size, place and orientation; one grid; evenly spaced positions (no missing slices)."""
+    for name, h in headers:
+        missing = [tag for tag in DICOM_GEOMETRY_TAGS if tag not in h]
+        if missing:
+            raise VolumeError(f"{path}: {name} lacks the DICOM tags {missing}: the volume's geometry is unknown")
+    grids = {(int(h.Rows), int(h.Columns)) for _, h in headers}
+    if len(grids) > 1:
+        raise VolumeError(f"{path}: slices of different sizes {sorted(grids)} (rows, columns) in one series")
+    if len(headers) < 3:
+        return
+    orient = np.asarray(headers[0][1].ImageOrientationPatient, dtype=np.float64)
+    normal = np.cross(orient[:3], orient[3:])
+    depth = np.sort([float(np.dot(normal, np.asarray(h.ImagePositionPatient, dtype=np.float64))) for _, h in headers])
+    gaps = np.diff(depth)
+    if gaps.min() < 1e-3 or gaps.max() > 1.5 * np.median(gaps):
+        raise VolumeError(
+            f"{path}: slice positions are not evenly spaced (gaps {gaps.min():.3g}..{gaps.max():.3g} mm): "
+            "duplicate or missing slices"
+        )

@@ -76,6 +76,9 @@ class AppSettings:
     # measured ~10x slower (SSL bootstrap steps on 2 shared cores) than one thread each.
     threads: int = 1
     finetune_experts: str = "auto"  # auto: train the LoRAs in stage 2 only on a random (checkpoint-less) backbone
+    # largest volume a request may load, checked from the header before reading voxels (0 = no limit): 2^29 voxels
+    # (512 x 512 x 2048) is 2 GiB per float32 copy, and the server holds a few copies (volume, normalised, cache)
+    max_voxels: int = 512 * 512 * 2048
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:
@@ -114,6 +117,8 @@ class AppSettings:
             raise SettingsError(f"conf preset: {self.preset!r} is not one of {sorted(PRESETS)}")
         if self.bootstrap not in ("auto", "off"):
             raise SettingsError(f"conf bootstrap: {self.bootstrap!r} must be auto or off")
+        if self.max_voxels < 0:
+            raise SettingsError("conf max_voxels: must be >= 0 (0 = no limit)")
         if self.train_every < 0:
             raise SettingsError("conf train_every: must be >= 0 (0 disables automatic training)")
         if self.finetune_experts not in ("auto", "true", "false"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from samora.data import VolumeError, load_label, load_volume
+from samora.data.volumes import VolumeTooLarge
 from samora.serving.labels import LabelMappingError
 
 
@@ -19,6 +20,8 @@ def validate_label_upload(
     try:
         image = load_volume(image_path, check=False)
         data, _ = load_label(label_path, like=image)
+    except VolumeTooLarge:
+        raise  # answered 413, not 422
     except VolumeError as e:
         raise UploadError(str(e)) from e
     values = set(np.unique(data).tolist()) - {0}
