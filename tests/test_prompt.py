@@ -256,7 +256,7 @@ def test_propagation_slices_are_cached(runtime, phantom, monkeypatch):
     organ = truth == PHANTOM_LABELS["liver"]
 
     def oracle(model, embedding, prompt, hw):
-        return organ[:, :, runtime.slice_of[id(embedding)]].copy()
+        return np.where(organ[:, :, runtime.slice_of[id(embedding)]], 8.0, -8.0)  # crisp logits
 
     monkeypatch.setattr(interactive, "decode_slice_prompt", oracle)
     lo, hi = _bbox(organ)
@@ -279,6 +279,39 @@ def test_propagation_slices_are_cached(runtime, phantom, monkeypatch):
     assert encoded2 == len(set(requested2) - set(requested)), (requested, requested2)
     assert set(z_expected) <= set(info2["slices"])  # no ROI: propagation crosses all of the first request's slices
     assert encoded2 > 0  # ... and beyond them (outside the first ROI): those were not cached, the rest were
+
+
+def test_mask_stability_separates_crisp_from_hesitant_masks():
+    crisp = np.where(np.arange(100).reshape(10, 10) < 50, 6.0, -6.0)
+    assert interactive.mask_stability(crisp) == 1.0
+    hesitant = np.full((10, 10), -3.0)
+    hesitant[:5] = 0.4  # above 0 (in the mask) but not above +1: SAM's score calls this unstable
+    hesitant[0] = 2.0
+    assert interactive.mask_stability(hesitant) == pytest.approx(10 / 50)
+    assert interactive.mask_stability(np.full((4, 4), -5.0)) == 0.0
+
+
+def test_propagation_stops_where_the_mask_turns_unstable(runtime, phantom, monkeypatch):
+    """A 2D box (propagation unbounded in z) with a decoder that keeps answering the organ's last slice past the
+    organ's end, but hesitantly (logits near 0): propagation must stop at the organ's end."""
+    organ = phantom["truth"] == PHANTOM_LABELS["liver"]
+    lo, hi = _bbox(organ)
+
+    def fading(model, embedding, prompt, hw):
+        z = runtime.slice_of[id(embedding)]
+        inside = lo[2] <= z <= hi[2]
+        sure = organ[:, :, int(np.clip(z, lo[2], hi[2]))]
+        return np.where(sure, 8.0 if inside else 0.5, -8.0)
+
+    monkeypatch.setattr(interactive, "decode_slice_prompt", fading)
+    k = int((lo[2] + hi[2]) // 2)
+    params = _box_params(organ, "liver", k=k)
+    mask, info, _, _ = _run(runtime, phantom["path"], params)
+    assert lo[2] <= min(info["slices"]) and max(info["slices"]) <= hi[2], (info["slices"], lo[2], hi[2])
+    assert not mask[:, :, : lo[2]].any() and not mask[:, :, hi[2] + 1 :].any()
+    # the same decoder without the stability check runs on past the organ: the check is what stopped it
+    _, unchecked = refine(runtime, phantom["path"], parse_prompt(params, NAMES), min_stability=0.0)
+    assert max(unchecked["slices"]) > hi[2] or min(unchecked["slices"]) < lo[2]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,8 +6,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from segment_anything.utils.amg import calculate_stability_score
 
 from samora.data import resize_back
+
+STABILITY_OFFSET = 1.0  # logit offset of SAM's stability score (as in its automatic mask generator)
+MIN_PROPAGATION_STABILITY = 0.5  # calibrated on the sample-data demo model; see tests/test_prompt.py
 
 
 class PromptError(ValueError):
@@ -151,7 +155,7 @@ def mask_to_prompt(mask: np.ndarray) -> SlicePrompt | None:
 
 @torch.no_grad()
 def decode_slice_prompt(model, embedding: torch.Tensor, prompt: SlicePrompt, hw: tuple[int, int]) -> np.ndarray:
-    """Binary mask (H, W) on the slice grid for one slice prompt on a cached embedding."""
+    """Mask logits (H, W) on the slice grid for one slice prompt on a cached embedding (mask = logits > 0)."""
     device = embedding.device
     kwargs = {}
     if len(prompt.coords):
@@ -164,13 +168,26 @@ def decode_slice_prompt(model, embedding: torch.Tensor, prompt: SlicePrompt, hw:
     out = model.prompt(embedding, **kwargs)
     single_click = prompt.box is None and len(prompt.coords) == 1
     logits = model.prompt_head.best_mask(out, multimask=single_click and model.config.checkpoint is not None)
-    return (resize_back(logits, hw)[0, 0] > 0).cpu().numpy()
+    return resize_back(logits, hw)[0, 0].float().cpu().numpy()
+
+
+def mask_stability(logits: np.ndarray) -> float:
+    """SAM's stability score: area above +1 over area above -1 (1.0 = a crisp mask; low = the model hesitates)."""
+    if not (logits > -STABILITY_OFFSET).any():
+        return 0.0
+    return float(calculate_stability_score(torch.as_tensor(logits)[None], 0.0, STABILITY_OFFSET)[0])
 
 
 def refine(
-    runtime, path: str, prompt: Prompt, max_propagation: int = 64, min_pixels: int = 4
+    runtime,
+    path: str,
+    prompt: Prompt,
+    max_propagation: int = 64,
+    min_pixels: int = 4,
+    min_stability: float = MIN_PROPAGATION_STABILITY,
 ) -> tuple[np.ndarray, dict]:
-    """Segment the prompted slices, then propagate slice by slice (box + click from the previous mask)."""
+    """Segment the prompted slices, then propagate slice by slice (box + click from the previous mask) until the
+    structure vanishes, jumps away from the previous slice, or the model's mask turns unstable."""
     version, model = runtime.model()
     volume, _ = runtime.volume(path)
     check_inside(prompt, volume.shape)
@@ -196,7 +213,7 @@ def refine(
         out[tuple(selector)] = np.maximum(out[tuple(selector)], mask.astype(np.uint8))
 
     for k, sp in sorted(seeds.items()):
-        mask = decode_slice_prompt(model, runtime.slice_embedding(path, k), sp, hw)
+        mask = decode_slice_prompt(model, runtime.slice_embedding(path, k), sp, hw) > 0
         put(k, mask)
         done.add(k)
     for k in sorted(seeds):
@@ -213,10 +230,12 @@ def refine(
                 seed = mask_to_prompt(prev_model > 0.5)
                 if seed is None or previous.sum() < min_pixels:
                     break
-                mask = decode_slice_prompt(model, runtime.slice_embedding(path, z), seed, hw)
-                # stop when the structure vanishes or jumps (little overlap with the previous slice)
+                logits = decode_slice_prompt(model, runtime.slice_embedding(path, z), seed, hw)
+                mask = logits > 0
+                # stop when the structure vanishes or jumps (little overlap with the previous slice), or when the
+                # mask is unstable: past an organ's end a box prompt still yields a mask, but a hesitant one
                 overlap = np.logical_and(mask, previous).sum() / max(previous.sum(), 1)
-                if mask.sum() < min_pixels or overlap < 0.2:
+                if mask.sum() < min_pixels or overlap < 0.2 or mask_stability(logits) < min_stability:
                     break
                 put(z, mask)
                 done.add(z)
