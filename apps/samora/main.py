@@ -15,6 +15,7 @@ import samora
 from lib.activelearning.uncertainty import UncertaintyStrategy
 from lib.datastore import SamoraDatastore
 from lib.errors import install_form_json_handler
+from lib.failures import training_failure_report
 from lib.infers.prompt import SamoraPrompt
 from lib.infers.segmentation import SamoraSegmentation
 from lib.scoring.uncertainty import SamoraUncertaintyScoring
@@ -94,6 +95,10 @@ class SamoraApp(MONAILabelApp):
         if store.current_version() is None and self.datastore().get_labeled_images(DefaultLabelTag.FINAL):
             log.info("bootstrap: final labels exist but no model version; queueing samora training")
             self.async_training("samora", enqueue=True)
+
+    def train(self, request):
+        with training_failure_report(request.get("model"), self._trainers.get(request.get("model"))):
+            return super().train(request)
 
     def on_save_label(self, image_id, label_id):
         result = super().on_save_label(image_id, label_id)
