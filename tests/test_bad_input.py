@@ -56,6 +56,17 @@ def test_bad_volumes_get_422_and_nothing_changes(client, tmp_path):
     assert _snapshot(client.store["studies"]) == before
 
 
+@pytest.mark.parametrize("batch_size", ["x", 0, -2, 1.5, [4]])
+def test_wrong_typed_infer_param_gets_422(client, batch_size):
+    before = _snapshot(client.store["studies"])
+    image = client.store["unlabeled"][0]
+    r = client.post(f"/infer/samora?image={image}", data={"params": json.dumps({"batch_size": batch_size})})
+    assert r.status_code == 422, r.text[:300]
+    assert "batch_size" in r.json()["detail"] and "positive integer" in r.json()["detail"], r.json()
+    assert client.get("/info/").status_code == 200
+    assert _snapshot(client.store["studies"]) == before
+
+
 @pytest.mark.parametrize(
     ("params", "pattern"),
     [

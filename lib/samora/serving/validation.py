@@ -13,6 +13,16 @@ class UploadError(ValueError):
     """An uploaded label cannot be accepted; the message names the problem."""
 
 
+def positive_int_param(params: dict, key: str, default: int) -> int:
+    """An optional positive integer request parameter ("8" from a form is fine); anything else is the client's error."""
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise UploadError(f"param {key!r} must be a positive integer, got {value!r}")
+    if int(value) < 1:
+        raise UploadError(f"param {key!r} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def validate_label_upload(
     label_path: str, image_path: str, labels: dict[str, int], label_info: list[dict] | None
 ) -> None:

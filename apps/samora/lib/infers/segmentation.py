@@ -12,6 +12,7 @@ from lib.errors import client_errors
 from samora.data import save_label
 from samora.engine.inference import segment_volume
 from samora.serving.runtime import ModelRuntime
+from samora.serving.validation import positive_int_param
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class SamoraSegmentation(InferTask):
         loaded = time.perf_counter()
         volume, _ = self.runtime.volume(request["image"])
         read = time.perf_counter()
-        batch = int(request.get("batch_size", self.runtime.settings.infer_batch_size))
+        batch = positive_int_param(request, "batch_size", self.runtime.settings.infer_batch_size)
         result = segment_volume(model, volume, batch_size=batch, device=self.runtime.settings.device)
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         save_label(result.labels, volume.affine, out)
