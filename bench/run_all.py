@@ -327,8 +327,9 @@ TRIED = [
     "encoder and must learn the fusion before the experts' residuals can help, while the SAMed-style LoRA adapts "
     "the encoder from the first step; the plain sum (c) and single experts (d) have no such warm-up.",
     "Random-initialised SAM encoders have all-zero position embeddings (SAM's init, meant to be overwritten by the "
-    "checkpoint); without a checkpoint the backbone now gets a fixed 2D sine-cosine position grid, so tokens know "
-    "where they are.",
+    "checkpoint). A fixed 2D sine-cosine grid in their place did not help the patch-level SSL objective and slowed "
+    "the image-level one in the stage-1 tests, so random init keeps SAM's zeros; the decoders add SAM's own dense "
+    "positional encoding either way.",
     "Not tried for lack of CPU time: longer SSL (the reference optimisation is 30 epochs at 224 px, here 200 steps "
     "per expert), larger inputs (256 px gives a 16x16 token grid but costs about 4x), augmentation, a real SAM "
     "checkpoint (no download possible).",

@@ -14,7 +14,6 @@ from torch import nn
 from samora.adapters.attention import AdaptedAttention, SplitQKV
 from samora.backbones.base import AttentionCore, Backbone, BackboneOutput
 from samora.backbones.checkpoints import read_state_dict, resize_for_image_size, resolve_checkpoint, verify_checksum
-from samora.backbones.position import sincos_2d
 from samora.backbones.presets import BackbonePreset
 from samora.config import EXPERTS
 
@@ -142,11 +141,5 @@ def build_sam_vit(preset: BackbonePreset, image_size: int, checkpoint: str | Pat
             )
         backbone.load_report = {"checkpoint": str(path), "missing": missing, "unexpected": unexpected}
         log.info("loaded SAM checkpoint %s at image size %d", path, image_size)
-    else:
-        # SAM initialises pos_embed to zeros; without a checkpoint tokens would carry no position at all, which
-        # makes masked-patch reconstruction and per-pixel decoding needlessly hard on random-init backbones.
-        with torch.no_grad():
-            _, height, width, channels = backbone.encoder.pos_embed.shape
-            backbone.encoder.pos_embed.copy_(sincos_2d(height, width, channels)[None])
     backbone.wrap_attention()
     return backbone

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samora.backbones.position import sincos_2d
 from samora.ssl.augment import SeededAugment, contrastive_views, denoising_corruption, geometric_jitter
 
 __all__ = [
@@ -108,6 +107,20 @@ def random_token_mask(
     noise = torch.rand(batch, n, generator=generator)
     ranks = noise.argsort(dim=1).argsort(dim=1)
     return (ranks < n_masked).reshape(batch, height, width)
+
+
+def sincos_2d(height: int, width: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2D sine-cosine position code (H, W, dim): half the channels encode the row, half the column."""
+    quarter = dim // 4
+    freqs = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / max(1, quarter))
+    rows = torch.arange(height, dtype=torch.float32)[:, None] * freqs
+    cols = torch.arange(width, dtype=torch.float32)[:, None] * freqs
+    code = torch.zeros(height, width, dim)
+    code[..., 0:quarter] = rows.sin()[:, None, :]
+    code[..., quarter : 2 * quarter] = rows.cos()[:, None, :]
+    code[..., 2 * quarter : 3 * quarter] = cols.sin()[None, :, :]
+    code[..., 3 * quarter : 4 * quarter] = cols.cos()[None, :, :]
+    return code
 
 
 # ----- per-sample preparation (runs in the data loader) ---------------------------------------------------------
