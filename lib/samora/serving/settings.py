@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from samora.backbones.presets import PRESETS
 from samora.config import DEFAULT_LABELS, ModelConfig
+from samora.serving.interactive import MIN_PROPAGATION_STABILITY
 
 
 class SettingsError(ValueError):
@@ -79,6 +80,9 @@ class AppSettings:
     # largest volume a request may load, checked from the header before reading voxels (0 = no limit): 2^29 voxels
     # (512 x 512 x 2048) is 2 GiB per float32 copy, and the server holds a few copies (volume, normalised, cache)
     max_voxels: int = 512 * 512 * 2048
+    # prompt propagation stops where SAM's stability score of the mask falls below this (0 = only on empty/jumping
+    # masks); see samora.serving.interactive.MIN_PROPAGATION_STABILITY for how the default was measured
+    propagation_stability: float = MIN_PROPAGATION_STABILITY
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:
@@ -117,6 +121,8 @@ class AppSettings:
             raise SettingsError(f"conf preset: {self.preset!r} is not one of {sorted(PRESETS)}")
         if self.bootstrap not in ("auto", "off"):
             raise SettingsError(f"conf bootstrap: {self.bootstrap!r} must be auto or off")
+        if not 0.0 <= self.propagation_stability <= 1.0:
+            raise SettingsError(f"conf propagation_stability: {self.propagation_stability} must lie in [0, 1]")
         if self.max_voxels < 0:
             raise SettingsError("conf max_voxels: must be >= 0 (0 = no limit)")
         if self.train_every < 0:

@@ -36,7 +36,9 @@ class SamoraPrompt(InferTask):
         start = time.perf_counter()
         prompt = parse_prompt(request, list(self.runtime.settings.labels))
         before = self.runtime.encoder_calls
-        mask, info = refine(self.runtime, request["image"], prompt)
+        mask, info = refine(
+            self.runtime, request["image"], prompt, min_stability=self.runtime.settings.propagation_stability
+        )
         volume, _ = self.runtime.volume(request["image"])
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         save_label(mask, volume.affine, out)
