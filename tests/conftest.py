@@ -49,5 +49,3 @@ def client(tmp_path, monkeypatch):
         c.store = store
         yield c
     clear_cache()
-
-

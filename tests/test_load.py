@@ -79,10 +79,16 @@ def test_concurrent_infer_during_training(server):
     failures = sum(not r[1] for r in results)
     training_during = bool(_train_children(server))
     report = {
-        "requests": N_REQUESTS, "clients": N_CLIENTS, "failures": failures, "wall_s": round(wall, 2),
-        "p50_s": round(float(np.percentile(latencies, 50)), 3), "p95_s": round(float(np.percentile(latencies, 95)), 3),
+        "requests": N_REQUESTS,
+        "clients": N_CLIENTS,
+        "failures": failures,
+        "wall_s": round(wall, 2),
+        "p50_s": round(float(np.percentile(latencies, 50)), 3),
+        "p95_s": round(float(np.percentile(latencies, 95)), 3),
         "training_running_at_end": training_during,
-        "volume_shape": list(next(iter(shapes.values()))), "preset": "tiny", "image_size": 64,
+        "volume_shape": list(next(iter(shapes.values()))),
+        "preset": "tiny",
+        "image_size": 64,
     }
     print("load test:", json.dumps(report))
     if os.environ.get("SAMORA_LOAD_REPORT"):

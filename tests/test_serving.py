@@ -16,8 +16,17 @@ from samora.serving.settings import AppSettings, SettingsError, parse_labels
 
 
 def test_settings_from_string_conf():
-    s = AppSettings.from_conf({"preset": "tiny", "image_size": "64", "labels": "liver=1,spleen=2", "epochs": "3",
-                               "lr": "0.01", "unrelated_monailabel_key": "x", "propagation_stability": "0.6"})
+    s = AppSettings.from_conf(
+        {
+            "preset": "tiny",
+            "image_size": "64",
+            "labels": "liver=1,spleen=2",
+            "epochs": "3",
+            "lr": "0.01",
+            "unrelated_monailabel_key": "x",
+            "propagation_stability": "0.6",
+        }
+    )
     assert s.image_size == 64 and s.epochs == 3 and s.lr == 0.01 and s.propagation_stability == 0.6
     assert s.labels == {"liver": 1, "spleen": 2}
     assert s.model_config().finetune_experts is True  # no checkpoint: random backbone needs its LoRAs trained
@@ -26,10 +35,16 @@ def test_settings_from_string_conf():
 
 @pytest.mark.parametrize(
     ("conf", "key"),
-    [({"image_size": "100"}, "image_size"), ({"epochs": "many"}, "epochs"), ({"labels": "liver"}, "labels"),
-     ({"bootstrap": "sometimes"}, "bootstrap"), ({"checkpoint": "/nope/sam.pth"}, "checkpoint"),
-     ({"preset": "vit_z"}, "preset"), ({"labels": '{"a": 1, "b": 1}'}, "labels"),
-     ({"propagation_stability": "1.5"}, "propagation_stability")],
+    [
+        ({"image_size": "100"}, "image_size"),
+        ({"epochs": "many"}, "epochs"),
+        ({"labels": "liver"}, "labels"),
+        ({"bootstrap": "sometimes"}, "bootstrap"),
+        ({"checkpoint": "/nope/sam.pth"}, "checkpoint"),
+        ({"preset": "vit_z"}, "preset"),
+        ({"labels": '{"a": 1, "b": 1}'}, "labels"),
+        ({"propagation_stability": "1.5"}, "propagation_stability"),
+    ],
 )
 def test_bad_conf_names_the_key(conf, key):
     with pytest.raises(SettingsError, match=key):
