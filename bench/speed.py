@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import DATA
 
 from samora.config import EXPERTS, ModelConfig
 from samora.data import SliceCache, load_volume
@@ -120,12 +121,7 @@ def bench_model(preset: str, size: int, volume, checkpoint: str | None, quick: b
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--volume",
-        default=str(
-            Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct_abdomen_totalseg" / "image.nii.gz"
-        ),
-    )
+    parser.add_argument("--volume", default=str(DATA / "ct_abdomen_totalseg" / "image.nii.gz"))
     parser.add_argument("--out", default="docs/speed.json")
     parser.add_argument("--checkpoint", default=None, help="official SAM checkpoint for vit_b (optional)")
     parser.add_argument("--quick", action="store_true", help="tiny only, an 8-slice slab: CI smoke")
