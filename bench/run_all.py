@@ -243,8 +243,9 @@ def reading(few: dict | None, eff: dict | None, al: dict | None) -> list[str]:
                 + ("not reproduced here." if len(wins) < len(budgets) else "consistent with these numbers.")
             )
         low, high = min(budgets), max(budgets)
-        worse = [k for k in methods if k != "unet" and m(k, high) < max(m(k, b) for b in budgets if b != high)]
-        if len(budgets) > 1 and worse:
+        smaller = [b for b in budgets if b != high]
+        worse = [k for k in methods if k != "unet" and smaller and m(k, high) < max(m(k, b) for b in smaller)]
+        if worse:
             steps, batch = few["settings"]["steps"], few["settings"]["batch_size"]
             full_epochs = steps * batch / max(1, len(few["data"]["train_slices"]))
             lines.append(
@@ -472,21 +473,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         speed_cmd += ["--checkpoint", args.checkpoint]
     plan = [
-        ("fewshot", [py, str(BENCH / "fewshot.py"), *shared]),
-        ("efficiency", [py, str(BENCH / "efficiency.py"), *shared]),
-        ("al", [py, str(BENCH / "active_learning.py"), *shared]),
-        ("speed", speed_cmd),
+        ("fewshot", [py, str(BENCH / "fewshot.py"), *shared], None),
+        ("efficiency", [py, str(BENCH / "efficiency.py"), *shared], None),
+        ("al", [py, str(BENCH / "active_learning.py"), *shared], None),
+        ("speed", speed_cmd, None),
     ]
-    load_report = out / "results" / "load.json"
     if not args.quick:  # a real server under load; CI runs the same test in its suite
         load_cmd = [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_load.py", "-k", "concurrent"]
-        plan.append(("load", load_cmd))
+        plan.append(("load", load_cmd, {"SAMORA_LOAD_REPORT": str(out / "results" / "load.json")}))
     stages = []
     try:
-        for name, cmd in plan:
+        for name, cmd, env in plan:
             if args.only and name not in args.only:
                 continue
-            env = {"SAMORA_LOAD_REPORT": str(load_report)} if name == "load" else None
             stages.append(run_stage(name, cmd, log_dir, env))
     finally:
         if not args.work:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import DATA
+from common import DATA, command_line
 
 from samora.config import EXPERTS, ModelConfig
 from samora.data import SliceCache, load_volume
@@ -134,7 +134,7 @@ def main() -> int:
     rows = [bench_model(p, s, volume, args.checkpoint if p == "vit_b" else None, args.quick) for p, s in configs]
     segresnet = None if args.quick else segresnet_seconds(volume)
     report = {
-        "command": " ".join([sys.executable.split("/")[-1], *sys.argv]),
+        "command": command_line(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),

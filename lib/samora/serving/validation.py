@@ -16,9 +16,8 @@ class UploadError(ValueError):
 def positive_int_param(params: dict, key: str, default: int) -> int:
     """An optional positive integer request parameter ("8" from a form is fine); anything else is the client's error."""
     value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
-        raise UploadError(f"param {key!r} must be a positive integer, got {value!r}")
-    if int(value) < 1:
+    digits = isinstance(value, (int, str)) and not isinstance(value, bool) and str(value).strip().isdigit()
+    if not digits or int(value) < 1:
         raise UploadError(f"param {key!r} must be a positive integer, got {value!r}")
     return int(value)
 
