@@ -245,3 +245,36 @@ def test_volume_over_the_voxel_budget_gets_413_before_loading(client, tmp_path, 
         assert "max_voxels" in r.json()["detail"]
     assert client.get("/info/").status_code == 200
     assert _snapshot(client.store["studies"]) == before
+
+
+@pytest.mark.parametrize(
+    ("trainer", "params", "pattern"),
+    [
+        ("samora", {"epochs": "many"}, "'epochs' must be a positive integer"),
+        ("samora", {"batch_size": 0}, "'batch_size' must be a positive integer"),
+        ("samora", {"lr": -1e-3}, "'lr' must be a positive number"),
+        ("samora", {"lr": "nan"}, "'lr' must be a positive number"),
+        ("samora", {"prompt_training": "maybe"}, "'prompt_training' must be true or false"),
+        ("samora_ssl", {"max_steps": "0"}, "'max_steps' must be a positive integer"),
+    ],
+)
+def test_bad_training_params_get_422_naming_them(client, trainer, params, pattern):
+    r = client.post(f"/train/{trainer}?run_sync=true", json=params)
+    assert r.status_code == 422, r.text[:300]
+    assert f"training {trainer} failed" in r.json()["detail"] and pattern in r.json()["detail"], r.json()
+    info = client.get("/info/")
+    assert info.status_code == 200 and info.json()["train_stats"][trainer]["status"] == "ERROR"
+
+
+def test_synchronous_training_failure_answers_with_its_reason(client):
+    """run_sync=true runs the trainer inside the server: a failure is an answer naming why, no version is published."""
+    image = client.store["labeled"][0]
+    broken = client.store["studies"] / "labels" / "final" / f"{image}.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:200])  # damaged on disk after it was accepted
+    r = client.post("/train/samora?run_sync=true", json={"epochs": 1})
+    assert r.status_code == 422, r.text[:300]
+    assert f"{broken}: unreadable or corrupt file" in r.json()["detail"], r.json()
+    info = client.get("/info/").json()
+    assert info["train_stats"]["samora"]["status"] == "ERROR"
+    r = client.post(f"/infer/samora?image={client.store['unlabeled'][0]}", data={"params": "{}"})
+    assert r.status_code == 200  # still serving (the untrained model: no version was published)

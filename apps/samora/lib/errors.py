@@ -45,10 +45,14 @@ FORM_JSON_FIELDS = ("params", "info")
 ENDPOINTS_DIR = os.sep + os.path.join("monailabel", "endpoints") + os.sep
 
 
+def server_api():
+    """MONAI Label's FastAPI app when this code runs inside the server process; None in its task subprocesses."""
+    return getattr(sys.modules.get("monailabel.app"), "app", None)
+
+
 def install_form_json_handler() -> None:
     """Answer 422 naming the field when a MONAI Label endpoint fails on a malformed JSON form field."""
-    module = sys.modules.get("monailabel.app")  # absent in task subprocesses and other ASGI hosts
-    api = getattr(module, "app", None)
+    api = server_api()
     if api is None or api.exception_handlers.get(ValueError) is _form_json_error:
         return
     api.add_exception_handler(ValueError, _form_json_error)  # json.JSONDecodeError is a ValueError

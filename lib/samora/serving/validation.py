@@ -22,6 +22,31 @@ def positive_int_param(params: dict, key: str, default: int) -> int:
     return int(value)
 
 
+def positive_float_param(params: dict, key: str, default: float) -> float:
+    """An optional finite positive number ("1e-3" from a form is fine); anything else is the client's error."""
+    value = params.get(key, default)
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not np.isfinite(number) or number <= 0:
+        raise UploadError(f"param {key!r} must be a positive number, got {value!r}")
+    return number
+
+
+def bool_param(params: dict, key: str, default: bool) -> bool:
+    """An optional flag: true/false (JSON), or "true"/"false"/"1"/"0" from a form (bool("false") would be True)."""
+    value = params.get(key, default)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise UploadError(f"param {key!r} must be true or false, got {value!r}")
+
+
 def validate_label_upload(
     label_path: str, image_path: str, labels: dict[str, int], label_info: list[dict] | None
 ) -> None:

@@ -10,6 +10,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.trainers.stats import StatsFile
 from samora.serving.runtime import ModelRuntime
+from samora.serving.validation import positive_int_param
 from samora.ssl.trainer import pretrain
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,7 @@ class SamoraBootstrapTrainer(TrainTask):
         return self.stats_file.read()
 
     def __call__(self, request, datastore: Datastore) -> dict:
-        params = self.config()
-        params.update({k: int(request[k]) for k in params if k in request})
+        params = {k: positive_int_param(request, k, default) for k, default in self.config().items()}
         start = time.time()
         ids = datastore.get_unlabeled_images() or datastore.list_images()
         if not ids:

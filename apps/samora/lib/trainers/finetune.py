@@ -14,6 +14,7 @@ from lib.trainers.stats import StatsFile
 from samora.engine.train import FinetuneConfig, finetune, load_labeled_cases
 from samora.serving.labels import remap_by_name
 from samora.serving.runtime import ModelRuntime
+from samora.serving.validation import bool_param, positive_float_param, positive_int_param
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,13 @@ class SamoraFinetuneTrainer(TrainTask):
         return self.stats_file.read()
 
     def __call__(self, request, datastore: Datastore) -> dict:
-        params = self.config()
-        params.update(
-            {
-                k: type(params[k])(request[k]) if not isinstance(params[k], bool) else bool(request[k])
-                for k in params
-                if k in request
-            }
-        )
+        defaults = self.config()
+        params = {
+            "epochs": positive_int_param(request, "epochs", defaults["epochs"]),
+            "batch_size": positive_int_param(request, "batch_size", defaults["batch_size"]),
+            "lr": positive_float_param(request, "lr", defaults["lr"]),
+            "prompt_training": bool_param(request, "prompt_training", defaults["prompt_training"]),
+        }
         start = time.time()
         cases, infos = labeled_cases(datastore)
         if not cases:
