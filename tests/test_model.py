@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from model_helpers import perturb_expert
 
 from samora.adapters.experts import expert_parameters
 from samora.backbones import PRESETS, CheckpointError
@@ -20,14 +21,6 @@ LABELS = {"liver": 1, "spleen": 2, "kidney": 3}
 
 def tiny(size: int = 128, **kw) -> SamoraModel:
     return SamoraModel(ModelConfig(preset="tiny", image_size=size, labels=LABELS, **kw))
-
-
-def perturb_expert(model: SamoraModel, name: str, scale: float = 0.5) -> None:
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for key, p in expert_parameters(model.backbone.encoder, name).items():
-            if ".lora_B." in key:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
 @pytest.mark.parametrize("size", [128, 224, 256])

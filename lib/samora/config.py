@@ -62,8 +62,12 @@ class ModelConfig:
 
         if self.preset not in PRESETS:
             raise ConfigError(f"preset: unknown {self.preset!r}; choose one of {sorted(PRESETS)}")
-        if not isinstance(self.image_size, int) or self.image_size < 64 or self.image_size % 16:
-            raise ConfigError(f"image_size: {self.image_size!r} must be an integer >= 64 divisible by 16")
+        multiple = PRESETS[self.preset].input_multiple
+        if not isinstance(self.image_size, int) or self.image_size < 64 or self.image_size % multiple:
+            raise ConfigError(
+                f"image_size: {self.image_size!r} must be an integer >= 64 divisible by {multiple} "
+                f"(preset {self.preset!r})"
+            )
         for name, allowed in (
             ("decoder", DECODERS),
             ("fusion", FUSION_MODES),

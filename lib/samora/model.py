@@ -58,13 +58,15 @@ class SamoraModel(nn.Module):
         self.load_report = dict(self.backbone.load_report)
         self.load_report["reinitialised"] = self._reinitialised_parts()
         if self.load_report["checkpoint"]:
-            log.info("re-initialised (not in the SAM checkpoint): %s", ", ".join(self.load_report["reinitialised"]))
+            log.info("re-initialised (not in the checkpoint): %s", ", ".join(self.load_report["reinitialised"]))
         self.stage = "inference"
         self.set_stage("inference")
 
     def _reinitialised_parts(self) -> list[str]:
         """Modules that start fresh rather than from SAM weights: experts, fusion, class-dependent decoder parts."""
-        parts = [f"experts ({', '.join(EXPERTS)})"]
+        # A SAM2 checkpoint holds no SAM prompt encoder / mask decoder: the backbone lists what it could not load.
+        parts = list(self.backbone.load_report.get("not_in_checkpoint", []))
+        parts.append(f"experts ({', '.join(EXPERTS)})")
         if self.fusion_parameters():
             parts.append("fusion")
         parts += [f"head.decoder.{name}" for name in SamedHead.REINITIALISED]

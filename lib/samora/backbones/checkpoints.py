@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from samora.backbones.presets import BackbonePreset
+from samora.backbones.presets import BackbonePreset, HieraPreset
 from samora.io_utils import sha256_file
 
 WEIGHTS_DIR_ENV = "SAMORA_WEIGHTS_DIR"
@@ -25,7 +25,7 @@ def default_weights_dir() -> Path:
     return Path(os.environ.get(WEIGHTS_DIR_ENV, Path.home() / ".cache" / "samora" / "weights"))
 
 
-def resolve_checkpoint(preset: BackbonePreset, path: str | os.PathLike | None) -> Path:
+def resolve_checkpoint(preset: BackbonePreset | HieraPreset, path: str | os.PathLike | None) -> Path:
     """Return an existing checkpoint path or raise CheckpointError naming the path, URL and sha256.
 
     Never downloads: this machine (and many hospital servers) have no route to the model hub.
@@ -40,18 +40,20 @@ def resolve_checkpoint(preset: BackbonePreset, path: str | os.PathLike | None) -
     hint = ""
     if preset.checkpoint is not None:
         c = preset.checkpoint
+        verify = f"verify sha256 {c.sha256}, " if c.sha256 else ""
         hint = (
             f" Download {c.filename} ({c.size}) from {c.url} on a machine with internet access, "
-            f"verify sha256 {c.sha256}, and place it at {expected} "
+            f"{verify}and place it at {expected} "
             f"(or set {WEIGHTS_DIR_ENV} to its folder, or pass its path)."
         )
-    raise CheckpointError(f"SAM checkpoint for {preset.name!r} not found at {expected}.{hint}")
+    kind = "SAM2" if preset.family == "sam2" else "SAM"
+    raise CheckpointError(f"{kind} checkpoint for {preset.name!r} not found at {expected}.{hint}")
 
 
-def verify_checksum(path: Path, preset: BackbonePreset) -> None:
-    """For a file carrying an official name, require its published sha256."""
+def verify_checksum(path: Path, preset: BackbonePreset | HieraPreset) -> None:
+    """For a file carrying an official name, require its published sha256 (where one is published)."""
     official = preset.checkpoint
-    if official is None or path.name != official.filename:
+    if official is None or official.sha256 is None or path.name != official.filename:
         return
     actual = sha256_file(path)
     if actual != official.sha256:

@@ -1,4 +1,4 @@
-"""Backbone presets and the official SAM checkpoints they can load."""
+"""Backbone presets (SAM ViT and SAM2 Hiera) and the official checkpoints they can load."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ class OfficialCheckpoint:
 
     filename: str
     url: str
-    sha256: str
+    sha256: str | None  # None where no published checksum is known: then none is checked (never a guessed one)
     size: str
 
 
@@ -29,11 +29,47 @@ class BackbonePreset:
     decoder_mlp_dim: int = 2048
     decoder_heads: int = 8
     checkpoint: OfficialCheckpoint | None = None
+    family: str = "sam"
+    input_multiple = 16  # input sizes S must be a multiple of this (the patch size)
+
+
+@dataclass(frozen=True)
+class HieraPreset:
+    """Shape of a SAM2 Hiera trunk + FPN neck (values of sam2's configs/sam2/*.yaml) and of the SAM decoders."""
+
+    name: str
+    embed_dim: int
+    num_heads: int
+    stages: tuple[int, int, int, int]
+    global_att_blocks: tuple[int, ...]
+    window_spec: tuple[int, int, int, int] = (8, 4, 14, 7)
+    window_pos_embed_bkg_spatial_size: tuple[int, int] = (14, 14)
+    prompt_dim: int = 256  # the FPN neck's d_model
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    checkpoint: OfficialCheckpoint | None = None
+    family: str = "sam2"
+    # Hiera reaches stride 32 in 4 stages, and tiles its window position embedding (window_spec[0] = 8) over the
+    # stride-4 grid, so S must be a multiple of 32.
+    input_multiple = 32
+
+    @property
+    def stage_widths(self) -> tuple[int, ...]:
+        """Channels per stage: Hiera doubles the width at every stage change (dim_mul 2)."""
+        return tuple(self.embed_dim * 2**i for i in range(len(self.stages)))
 
 
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
-PRESETS: dict[str, BackbonePreset] = {
+# SAM 2 (July 2024) checkpoints; their sha256 is not published, so none is checked.
+_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/072824/"
+
+
+def _sam2_checkpoint(filename: str, size: str) -> OfficialCheckpoint:
+    return OfficialCheckpoint(filename, _SAM2_URL + filename, None, size)
+
+
+PRESETS: dict[str, BackbonePreset | HieraPreset] = {
     # Same module classes at toy size: CPU tests, demos and CI.
     "tiny": BackbonePreset(
         "tiny",
@@ -84,5 +120,54 @@ PRESETS: dict[str, BackbonePreset] = {
             "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
             "2.5 GB",
         ),
+    ),
+    # SAM2 Hiera at toy size (4 stages, 5 blocks, widths 32-256): CPU tests and demos.
+    "sam2_tiny": HieraPreset(
+        "sam2_tiny",
+        embed_dim=32,
+        num_heads=1,
+        stages=(1, 1, 2, 1),
+        global_att_blocks=(3,),
+        window_spec=(8, 4, 8, 4),
+        window_pos_embed_bkg_spatial_size=(7, 7),
+        prompt_dim=64,
+        decoder_mlp_dim=256,
+        decoder_heads=4,
+    ),
+    "hiera_t": HieraPreset(
+        "hiera_t",
+        embed_dim=96,
+        num_heads=1,
+        stages=(1, 2, 7, 2),
+        global_att_blocks=(5, 7, 9),
+        window_pos_embed_bkg_spatial_size=(7, 7),
+        checkpoint=_sam2_checkpoint("sam2_hiera_tiny.pt", "156 MB"),
+    ),
+    "hiera_s": HieraPreset(
+        "hiera_s",
+        embed_dim=96,
+        num_heads=1,
+        stages=(1, 2, 11, 2),
+        global_att_blocks=(7, 10, 13),
+        window_pos_embed_bkg_spatial_size=(7, 7),
+        checkpoint=_sam2_checkpoint("sam2_hiera_small.pt", "185 MB"),
+    ),
+    "hiera_b+": HieraPreset(
+        "hiera_b+",
+        embed_dim=112,
+        num_heads=2,
+        stages=(2, 3, 16, 3),
+        global_att_blocks=(12, 16, 20),
+        checkpoint=_sam2_checkpoint("sam2_hiera_base_plus.pt", "324 MB"),
+    ),
+    "hiera_l": HieraPreset(
+        "hiera_l",
+        embed_dim=144,
+        num_heads=2,
+        stages=(2, 6, 36, 4),
+        global_att_blocks=(23, 33, 43),
+        window_spec=(8, 4, 16, 8),
+        window_pos_embed_bkg_spatial_size=(7, 7),
+        checkpoint=_sam2_checkpoint("sam2_hiera_large.pt", "898 MB"),
     ),
 }

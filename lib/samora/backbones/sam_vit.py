@@ -7,7 +7,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.image_encoder import Attention, add_decomposed_rel_pos
 from torch import nn
 
@@ -15,6 +15,7 @@ from samora.adapters.attention import AdaptedAttention, SplitQKV
 from samora.backbones.base import AttentionCore, Backbone, BackboneOutput
 from samora.backbones.checkpoints import read_state_dict, resize_for_image_size, resolve_checkpoint, verify_checksum
 from samora.backbones.presets import BackbonePreset
+from samora.backbones.sam_decoders import build_mask_decoder, build_prompt_encoder
 from samora.config import EXPERTS
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ class SamViTBackbone(Backbone):
         self.preset = preset
         self.image_size = image_size
         self.prompt_dim = preset.prompt_dim
-        grid = image_size // 16
         self.encoder = ImageEncoderViT(
             img_size=image_size,
             patch_size=16,
@@ -75,21 +75,8 @@ class SamViTBackbone(Backbone):
             window_size=preset.window_size,
             global_attn_indexes=preset.global_attn_indexes,
         )
-        self.prompt_encoder = PromptEncoder(
-            embed_dim=preset.prompt_dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(image_size, image_size),
-            mask_in_chans=16,
-        )
-        self.mask_decoder = MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=2, embedding_dim=preset.prompt_dim, mlp_dim=preset.decoder_mlp_dim, num_heads=preset.decoder_heads
-            ),
-            transformer_dim=preset.prompt_dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=preset.prompt_dim,
-        )
+        self.prompt_encoder = build_prompt_encoder(preset.prompt_dim, image_size)
+        self.mask_decoder = build_mask_decoder(preset.prompt_dim, preset.decoder_mlp_dim, preset.decoder_heads)
         self._wrapped = False
         self.load_report: dict = {"checkpoint": None, "missing": [], "unexpected": []}
 

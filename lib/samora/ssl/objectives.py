@@ -28,6 +28,7 @@ __all__ = [
     "ContrastiveObjective",
     "DenoisingObjective",
     "MaskedImageObjective",
+    "MaskedPixelObjective",
     "SSLObjective",
     "TeacherError",
     "build_objective",
@@ -299,10 +300,16 @@ class MaskedImageObjective(SSLObjective):
         self.kernel_size = kernel_size
         self.decoder_position = decoder_position
         self.norm_eps = norm_eps
-        self.mask_token = nn.Parameter(torch.zeros(width))
-        nn.init.normal_(self.mask_token, std=0.02)
+        # Created before the decoder so a seeded head initialises identically whatever the subclass.
+        self.mask_token = self._mask_fill(width, channels)
         self.decoder = PatchDecoder(width, hidden_dim, patch_size * patch_size * channels, kernel_size)
         self.preparer = ReconstructionPreparer(geometric_jitter() if augment else None)
+
+    def _mask_fill(self, width: int, channels: int) -> nn.Parameter:
+        """What replaces a masked patch: a learned token of the encoder's width."""
+        token = nn.Parameter(torch.zeros(width))
+        nn.init.normal_(token, std=0.02)
+        return token
 
     def forward(
         self, model: nn.Module, batch: Sequence[torch.Tensor], generator: torch.Generator | None = None
@@ -321,8 +328,12 @@ class MaskedImageObjective(SSLObjective):
             tokens = tokens + encoder.pos_embed
         for block in encoder.blocks:
             tokens = block(tokens)
+        return self._masked_loss(tokens, images, mask)
+
+    def _masked_loss(self, tokens: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Decode (B, H, W, C) features on the mask grid into patch pixels; MSE on the masked patches only."""
         if self.decoder_position:
-            tokens = tokens + sincos_2d(h, w, width).to(tokens)
+            tokens = tokens + sincos_2d(tokens.shape[1], tokens.shape[2], tokens.shape[3]).to(tokens)
         prediction = self.decoder(tokens)
         # Prediction and target share the (B, H, W) grid, and one boolean mask selects both: the same tokens are
         # compared in the same order (the reference code gathered them in two different orders, METHOD §7 bug 3).
@@ -337,6 +348,33 @@ class MaskedImageObjective(SSLObjective):
             "decoder_kernel": self.kernel_size,
             "norm_eps": self.norm_eps,
         }
+
+
+class MaskedPixelObjective(MaskedImageObjective):
+    """Patch level for encoders without ViT patch tokens (SAM2 Hiera): SimMIM-style masking in pixel space.
+
+    Hiera pools tokens between stages, so masking cannot happen at the token level as in MAE. Instead the masked
+    16x16 patches of the input are replaced by a learned per-channel fill (starting at 0), the whole adapted
+    encoder runs, and the same PatchDecoder predicts each masked patch's normalised pixels from the stride-16 neck
+    embedding, whose grid is the mask grid. `width` is the embedding's channel count.
+    """
+
+    def _mask_fill(self, width: int, channels: int) -> nn.Parameter:
+        return nn.Parameter(torch.zeros(channels, 1, 1))
+
+    def forward(
+        self, model: nn.Module, batch: Sequence[torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        (images,) = batch
+        b, _, h, w = images.shape
+        p = self.patch_size
+        mask = random_token_mask(b, h // p, w // p, self.mask_ratio, generator).to(images.device)
+        pixels = mask.repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)[:, None]
+        masked = torch.where(pixels, self.mask_token.to(images.dtype), images)
+        features = model.encode(masked).permute(0, 2, 3, 1)
+        if features.shape[1:3] != mask.shape[1:]:
+            raise ValueError(f"embedding grid {tuple(features.shape[1:3])} is not the {p}-pixel mask grid")
+        return self._masked_loss(features, images, mask)
 
 
 class DenoisingObjective(SSLObjective):
@@ -417,6 +455,8 @@ def build_objective(level: str, model: nn.Module, teacher: nn.Module | None = No
         return ContrastiveObjective(neck_channels, config.image_size, teacher=teacher, **options)
     if teacher is not None:
         raise ValueError(f"a distillation teacher is only supported for the image level, not {level!r}")
+    if level == "patch" and model.backbone.family == "sam2":
+        return MaskedPixelObjective(neck_channels, patch_size=16, channels=channels, **options)
     if level == "patch":
         width = encoder.patch_embed.proj.out_channels
         patch = encoder.patch_embed.proj.kernel_size[0]
