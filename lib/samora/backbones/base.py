@@ -1,4 +1,4 @@
-"""The interface every backbone family (SAM ViT now, SAM2 Hiera next) offers to experts, fusion and decoders."""
+"""The interface every backbone family (SAM ViT, SAM2 Hiera) offers to experts, fusion and decoders."""
 
 from __future__ import annotations
 
