@@ -4,8 +4,9 @@
 
 Sections, each its own script and JSON file in OUT/results/: speed and memory (bench/speed.py), few-shot quality
 on real CT (bench/fewshot.py), fine-tuning efficiency (bench/efficiency.py, from the few-shot curves) and an
-active-learning simulation (bench/active_learning.py). The default set is sized for about 30-45 minutes on 2 CPU
-cores; --quick is a smoke run of a few minutes whose numbers mean nothing.
+active-learning simulation (bench/active_learning.py), plus (default set only) a load test during training and a
+reference for how far stage 1's masked-image-modelling loss can fall (bench/mim_reference.py). The default set is
+sized for about 45-60 minutes on 2 CPU cores; --quick is a smoke run of a few minutes whose numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import active_learning
 import efficiency
 import fewshot
+import mim_reference
 from common import (
     PSEUDO_LABEL_NOTE,
     RANDOM_BACKBONE_NOTE,
@@ -429,6 +431,8 @@ def compose(
         lines += [speed_markdown(speed)]
     if (results / "load.json").exists():
         lines += [load_markdown(read_json(results / "load.json"))]
+    if (results / "mim_reference.json").exists():
+        lines += [mim_reference.render_markdown(read_json(results / "mim_reference.json"))]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -441,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="scratch folder (default: a fresh temporary folder)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", nargs="+", default=None, choices=["speed", "fewshot", "efficiency", "al", "load"])
+    parser.add_argument(
+        "--only", nargs="+", default=None, choices=["speed", "fewshot", "efficiency", "al", "load", "mim"]
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite benchmarks.md from the JSON files of an earlier run"
     )
@@ -481,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:  # a real server under load; CI runs the same test in its suite
         load_cmd = [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_load.py", "-k", "concurrent"]
         plan.append(("load", load_cmd, {"SAMORA_LOAD_REPORT": str(out / "results" / "load.json")}))
+        mim_cmd = [py, str(BENCH / "mim_reference.py"), "--out", str(out / "results" / "mim_reference.json")]
+        plan.append(("mim", mim_cmd, None))
     stages = []
     try:
         for name, cmd, env in plan:

@@ -32,7 +32,7 @@ CONFIG = dict(preset="tiny", image_size=SIZE, labels={"organ": 1})
 # Per level: (steps, batch size, lr) tuned for the tiny preset on the two TotalSegmentator CTs at 128 px.
 RECIPES = {
     "image": (150, 16, 3e-3),
-    "patch": (200, 16, 1e-2),
+    "patch": (400, 16, 3e-3),
     "pixel": (60, 8, 3e-3),
 }
 
@@ -111,6 +111,20 @@ def test_token_mask_has_exact_ratio_and_is_seeded():
     assert torch.equal(mask, random_token_mask(4, 8, 8, 0.75, torch.Generator().manual_seed(0)))
 
 
+def test_patch_loss_starts_at_the_zero_prediction_loss():
+    """The decoder's output layer starts at zero, so step 0 scores exactly "predict 0" on the masked patches: the
+    loss-falls criterion then measures learned structure, not a random initial guess shrinking."""
+    model = tiny_model()
+    model.set_stage("ssl-patch")
+    objective = build_objective("patch", model)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    loss = objective(model, (images,), torch.Generator().manual_seed(1))["loss"]
+    mask = random_token_mask(2, SIZE // 16, SIZE // 16, objective.mask_ratio, torch.Generator().manual_seed(1))
+    zero_prediction = normalise_patches(patchify(images), objective.norm_eps).pow(2).mean(-1)[mask].mean()
+    assert torch.allclose(loss, zero_prediction, rtol=1e-5)
+    assert len(objective.decoder.hidden) == 1 and objective.preparer.augment is not None  # the measured defaults
+
+
 def test_nt_xent_prefers_matching_pairs():
     z = torch.randn(8, 16)
     matched = nt_xent(z, z + 0.01 * torch.randn(8, 16), temperature=0.1)
@@ -163,15 +177,11 @@ def test_random_teacher_is_refused_and_a_trained_one_distils(tmp_path):
 # ----- training -----------------------------------------------------------------------------------------------------
 
 
-# Masked image modelling with per-patch normalised targets on these CT slices (chest crops + abdomen, 128 px, 8 x 8
-# tokens) plateaus near 0.87-0.88 of its starting loss within a few hundred steps. Measured while looking for the
-# cause (single runs, 200-400 steps): a fixed sine-cosine position grid in the encoder 0.88 (it
-# also slowed the image objective to 0.82, so random init keeps SAM's zero pos_embed);
-# LoRA rank 32 0.89; norm eps 1e-3 / 1e-2 0.88 / 0.86; 96 / 224 / 256 px 0.87 / 0.91 / 0.90; lr 3e-3 (400 steps)
-# 0.88; even a FULLY trainable encoder 0.87, while the same pipeline scored on the visible patches falls to 0.59.
-# So the masked patches' normalised detail is mostly not predictable from the visible quarter on this data (MR
-# abdomen slices reach 0.76, the abdomen CT alone 0.79): a property of data and target, not of the adapters.
-PATCH_NOTE = "MIM with normalised-pixel targets at 128 px on a random tiny backbone plateaus near 0.87 x start"
+# The patch objective in its default configuration (rot90/flip augmentation, one decoder layer) ends near 0.87x of
+# its start on these CT slices. Without augmentation it passes easily (next test), but bench/mim_reference.py shows
+# that fall is mostly memorised slices: the loss on a held-out study is then worse than with augmentation. So the
+# default keeps augmentation and this criterion stays an expected failure for the patch level, threshold unchanged.
+PATCH_NOTE = "default MIM (augmented) ends near 0.87x on these CT slices; see bench/mim_reference.py (docs section 6)"
 
 
 @pytest.mark.parametrize(
@@ -182,10 +192,25 @@ def test_loss_falls_on_real_slices(trained, level):
     assert last < 0.8 * first, f"{level}: mean of last 10 steps {last:.4f} !< 0.8 x first 10 {first:.4f}"
 
 
-def test_patch_loss_falls_measurably(trained):
-    """The patch objective does learn (with predictions and targets paired by the same mask on the same grid)."""
-    first, last = _ratio(log_path(trained["out"], "patch"))
-    assert last < 0.92 * first, f"patch: mean of last 10 steps {last:.4f} !< 0.92 x first 10 {first:.4f}"
+def test_patch_objective_fits_real_slices_without_augmentation(cache, tmp_path):
+    """The masked-patch pipeline learns its task on real slices: predictions and targets are paired by one mask on
+    one grid and the expert + decoder get useful gradients (a mis-paired gather could not fall this far)."""
+    steps, batch, lr = RECIPES["patch"]
+    options = {"augment": False, "decoder_depth": 2}
+    train_expert(
+        tiny_model(),
+        "patch",
+        cache,
+        tmp_path,
+        steps,
+        SSLSettings(batch_size=batch, lr=lr),
+        progress=False,
+        objective_options=options,
+    )
+    first, last = _ratio(log_path(tmp_path, "patch"))
+    assert last < 0.8 * first, f"patch without augmentation: last 10 {last:.4f} !< 0.8 x first 10 {first:.4f}"
+    meta = json.loads((tmp_path / "expert_patch.json").read_text())
+    assert meta["objective_settings"]["augment"] is False and meta["objective_settings"]["decoder_depth"] == 2
 
 
 @pytest.mark.parametrize("level", EXPERTS)
