@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,8 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture()
-def client(tmp_path, monkeypatch):
+@contextmanager
+def app_client(tmp_path, monkeypatch, **conf_overrides):
     """The SAMora app in-process behind fastapi's TestClient, on a small phantom datastore."""
     from app_helpers import APP_DIR, app_conf, make_datastore
     from fastapi.testclient import TestClient
@@ -34,7 +35,7 @@ def client(tmp_path, monkeypatch):
     for key, value in {
         "MONAI_LABEL_APP_DIR": str(APP_DIR),
         "MONAI_LABEL_STUDIES": str(store["studies"]),
-        "MONAI_LABEL_APP_CONF": app_conf(tmp_path),
+        "MONAI_LABEL_APP_CONF": app_conf(tmp_path, **conf_overrides),
         "MONAI_LABEL_DATASTORE_AUTO_RELOAD": False,
         "MONAI_LABEL_AUTO_UPDATE_SCORING": False,
         "MONAI_LABEL_TRACKING_ENABLED": False,
@@ -45,7 +46,16 @@ def client(tmp_path, monkeypatch):
     clear_cache()
     from monailabel.app import app
 
-    with TestClient(app) as c:
-        c.store = store
+    try:
+        with TestClient(app) as c:
+            c.store = store
+            yield c
+    finally:
+        clear_cache()
+
+
+@pytest.fixture()
+def client(tmp_path, monkeypatch):
+    """The app with the tiny SAM ViT preset."""
+    with app_client(tmp_path, monkeypatch) as c:
         yield c
-    clear_cache()
