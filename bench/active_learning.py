@@ -5,7 +5,8 @@ samora.engine.inference.segment_volume) vs a random study, retrain, score a fixe
 
 Pool: 12 synthetic abdominal CT phantoms (samora.data.make_phantom, seeds 1000-1011, 96x96x24 voxels at
 3x3x6 mm, 5 labels); test set: 4 more phantoms (seeds 2000-2003). Each seed starts from the same random labelled
-study for both strategies, retrains the model from scratch after every acquisition with a fixed step budget and
+study for both strategies, fine-tunes the previous round's model further after every acquisition (as the app's
+trainer continues the served version; --cold-start retrains from scratch) with a fixed step budget per round and
 scores mean Dice on the test phantoms. The model is the app's default on a random backbone: SAMora HL-Attn
 (reduced) with the experts also fine-tuned, starting from the seed's SSL experts (trained on the real CT images by
 bench/fewshot.py, or here if missing). Writes OUT/results/active_learning.json and OUT/active_learning.png.
@@ -127,10 +128,20 @@ def run_trajectory(seed: int, strategy: str, settings: dict[str, Any]) -> dict[s
     labeled = [int(np.random.default_rng([seed, 42]).integers(pool))]  # the same first study for both strategies
     pick_rng = np.random.default_rng([seed, 43])
     rounds = []
+    model = None
     while True:
-        model = build_model(
-            METHODS[METHOD], PHANTOM_LABELS, size, seed, settings["preset"], settings["checkpoint"], settings["experts"]
-        )
+        # Warm start (default) continues from the previous round's model, as the app's trainer fine-tunes the served
+        # version; cold start rebuilds it, which made every round's Dice depend on one short run from scratch.
+        if model is None or not settings.get("warm_start", True):
+            model = build_model(
+                METHODS[METHOD],
+                PHANTOM_LABELS,
+                size,
+                seed,
+                settings["preset"],
+                settings["checkpoint"],
+                settings["experts"],
+            )
         parts = [
             slices_from_arrays(
                 scaled[i], labels[i], 2, size, "single", f"pool_{i}", 0.1, np.random.default_rng([seed, i])
@@ -175,6 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("seeds", "steps", "pool", "max_labeled"):
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
+    settings["warm_start"] = not getattr(args, "cold_start", False)
     if settings["pool"] < settings["max_labeled"]:
         raise SystemExit("--pool must be at least --max-labeled")
     preset = preset_for(args.checkpoint, args.preset)
@@ -311,7 +323,13 @@ def render_markdown(record: dict) -> str:
         f"- Each seed ({s['seeds']}) starts both strategies from the same random labelled study; after every round "
         f"one study is labelled: `uncertainty` = the unlabelled study with the highest `segment_volume(...)"
         f".mean_entropy` (mean predictive entropy over the body), `random` = uniform choice. After each acquisition "
-        f"the model is retrained from scratch: {s['method']}, {s['steps']} optimiser steps of batch "
+        + (
+            "the previous round's model is fine-tuned further on all labelled studies (as the app's trainer continues "
+            "the served version): "
+            if s.get("warm_start")
+            else "the model is retrained from scratch: "
+        )
+        + f"{s['method']}, {s['steps']} optimiser steps of batch "
         f"{s['batch_size']}, lr {s['lr']}, input {s['image_size']}, SSL experts of the same seed (trained on the "
         f"real CT images, {s['ssl']['steps']} steps per expert). Backbone: `{s['preset']}`"
         + (", random weights." if not s["checkpoint"] else f" from {s['checkpoint']}."),
@@ -341,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser)
     parser.add_argument("--data", default=str(DATA), help="the shared data folder (for the SSL studies)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per round")
+    parser.add_argument(
+        "--cold-start", action="store_true", help="retrain from scratch every round (default: continue the last model)"
+    )
     parser.add_argument("--pool", type=int, default=None, help="pool size (>= 12 for the documented run)")
     parser.add_argument("--max-labeled", type=int, default=None, help="stop when this many studies are labelled")
     args = parser.parse_args(argv)

@@ -27,6 +27,7 @@ import active_learning
 import efficiency
 import fewshot
 import mim_reference
+import numpy as np
 from common import (
     PSEUDO_LABEL_NOTE,
     RANDOM_BACKBONE_NOTE,
@@ -326,10 +327,14 @@ def reading(few: dict | None, eff: dict | None, al: dict | None) -> list[str]:
                 verdict = "reaches random's final Dice only with the same number of labels: no saving"
             else:
                 verdict = "never reaches random's final Dice within the budget: no saving"
+            # Mean over the rounds after the shared first one: the whole curve, not only its last point.
+            area = {k: float(np.mean([np.mean(ys[1:]) for ys in c[k][1]])) for k in ("uncertainty", "random")}
             lines.append(
                 f"Active learning: uncertainty sampling ends at {final_u[0]:.3f} ± {final_u[1]:.3f} mean test Dice vs "
                 f"random {needed['random_final_mean_dice']:.3f} with {needed['random_labels']} labelled phantoms; it "
-                f"{verdict}. {n_seeds} seed(s) on synthetic phantoms: differences within the seed spread are noise."
+                f"{verdict}. Averaged over rounds 2-{needed['random_labels']}: uncertainty {area['uncertainty']:.3f} "
+                f"vs random {area['random']:.3f}. {n_seeds} seed(s) on synthetic phantoms: differences within the "
+                "seed spread are noise."
             )
     return lines
 
@@ -409,8 +414,9 @@ def compose(
     ]
     lines += [
         "",
-        "Every number below comes from the JSON files in `docs/results/` written by this run; each script prints "
-        "its tables, command and machine when run alone.",
+        "Every number below comes from the JSON files in `docs/results/`; a section re-run on its own after the "
+        "stages above names its own command and date. Each script prints its tables, command and machine when run "
+        "alone.",
         "",
         "## Reading the results (honest summary)",
         "",
@@ -426,7 +432,8 @@ def compose(
     if eff:
         lines += [efficiency.render_markdown(eff), ""]
     if al:
-        lines += [active_learning.render_markdown(al), f"Command: `{al['command']}`.", ""]
+        run_date = al.get("date", "date not recorded")
+        lines += [active_learning.render_markdown(al), f"Command: `{al['command']}` ({run_date}).", ""]
     if speed:
         lines += [speed_markdown(speed)]
     if (results / "load.json").exists():
