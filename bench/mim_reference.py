@@ -104,14 +104,16 @@ def reference_unet() -> torch.nn.Module:
     return UNet(spatial_dims=2, in_channels=2, out_channels=1, channels=(32, 64, 128, 256), strides=(2, 2, 2))
 
 
-def unet_loss(net: torch.nn.Module, images: torch.Tensor, generator: torch.Generator, eps: float) -> torch.Tensor:
+def unet_loss(
+    net: torch.nn.Module, images: torch.Tensor, generator: torch.Generator, objective: MaskedImageObjective
+) -> torch.Tensor:
     """The objective's task for the UNet: same mask grid and ratio, same normalised targets, masked patches only."""
     grey = images[:, :1]
     grid = SIZE // PATCH
-    mask = random_token_mask(len(images), grid, grid, MaskedImageObjective(1).mask_ratio, generator)
+    mask = random_token_mask(len(images), grid, grid, objective.mask_ratio, generator)
     pixel_mask = mask.repeat_interleave(PATCH, 1).repeat_interleave(PATCH, 2)[:, None].float()
     prediction = net(torch.cat([grey * (1 - pixel_mask), pixel_mask], dim=1))
-    target = normalise_patches(patchify(grey, PATCH), eps)
+    target = normalise_patches(patchify(grey, PATCH), objective.norm_eps)
     return (patchify(prediction, PATCH) - target).pow(2).mean(-1)[mask].mean()
 
 
@@ -131,14 +133,14 @@ def train_unet(cache: SliceCache, steps: int, seed: int = 0) -> tuple[list[float
         images = torch.stack(
             [objective.preparer(torch.as_tensor(cache[i]), s)[0] for i, s in zip(picks, seeds, strict=True)]
         )
-        loss = unet_loss(net, images, generator, objective.norm_eps)
+        loss = unet_loss(net, images, generator, objective)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
     net.eval()
-    return losses, lambda images, generator: unet_loss(net, images, generator, objective.norm_eps)
+    return losses, lambda images, generator: unet_loss(net, images, generator, objective)
 
 
 @torch.no_grad()

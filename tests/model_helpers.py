@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from samora.adapters.experts import expert_parameters
+from samora.config import EXPERTS
 from samora.model import SamoraModel
 
 
@@ -15,3 +16,15 @@ def perturb_expert(model: SamoraModel, name: str, scale: float = 0.5) -> None:
         for key, p in expert_parameters(model.backbone.encoder, name).items():
             if ".lora_B." in key:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def make_everything_non_trivial(model: SamoraModel) -> SamoraModel:
+    """Perturb every expert and the fusion output projections (zero at init), then freeze for a save/load check:
+    a round trip that dropped any of them would change the output."""
+    for name in EXPERTS:
+        perturb_expert(model, name, 0.05)
+    model.set_stage("finetune")
+    with torch.no_grad():
+        for site in model.backbone.attention_sites():
+            torch.nn.init.normal_(site.fusion.up.weight, std=0.05)
+    return model.eval()

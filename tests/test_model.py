@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from model_helpers import perturb_expert
+from model_helpers import make_everything_non_trivial, perturb_expert
 
 from samora.adapters.experts import expert_parameters
 from samora.backbones import PRESETS, CheckpointError
@@ -162,14 +162,7 @@ def test_hsam_gate_receives_gradient():
 
 
 def test_save_load_reproduces_outputs_bit_for_bit(tmp_path):
-    model = tiny(decoder="hsam")
-    for e in EXPERTS:
-        perturb_expert(model, e, 0.05)
-    model.set_stage("finetune")
-    with torch.no_grad():
-        for site in model.backbone.attention_sites():
-            torch.nn.init.normal_(site.fusion.up.weight, std=0.05)
-    model.eval()
+    model = make_everything_non_trivial(tiny(decoder="hsam"))
     x = torch.rand(2, 3, 128, 128)
     with torch.no_grad():
         expected = model(x)["logits"]

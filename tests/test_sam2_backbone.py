@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_helpers import perturb_expert
+from model_helpers import make_everything_non_trivial, perturb_expert
 
 from samora.adapters.experts import expert_parameters
 from samora.backbones import PRESETS, CheckpointError, Sam2HieraBackbone, build_backbone
@@ -203,14 +203,7 @@ def test_stage2_steps_train_only_fusion_and_decoders():
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
-    model = sam2_tiny(decoder="hsam")
-    for e in EXPERTS:
-        perturb_expert(model, e, 0.05)
-    model.set_stage("finetune")
-    with torch.no_grad():
-        for site in model.backbone.attention_sites():
-            torch.nn.init.normal_(site.fusion.up.weight, std=0.05)
-    model.eval()
+    model = make_everything_non_trivial(sam2_tiny(decoder="hsam"))
     x = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
         expected = model(x)["logits"]
