@@ -63,6 +63,9 @@ class ModelConfig:
         if self.preset not in PRESETS:
             raise ConfigError(f"preset: unknown {self.preset!r}; choose one of {sorted(PRESETS)}")
         multiple = PRESETS[self.preset].input_multiple
+        native = getattr(PRESETS[self.preset], "native_size", None)
+        if native is not None and self.image_size != native:
+            raise ConfigError(f"image_size: {self.image_size!r} must be {native} (preset {self.preset!r})")
         if not isinstance(self.image_size, int) or self.image_size < 64 or self.image_size % multiple:
             raise ConfigError(
                 f"image_size: {self.image_size!r} must be an integer >= 64 divisible by {multiple} "

@@ -53,7 +53,13 @@ class SamoraModel(nn.Module):
             if config.decoder == "samed":
                 self.head: nn.Module = SamedHead(sam_decoder, config.num_classes, config.image_size)
             else:
-                self.head = HsamHead(sam_decoder, config.num_classes, config.image_size, config.hsam_feature_noise)
+                self.head = HsamHead(
+                    sam_decoder,
+                    config.num_classes,
+                    config.image_size,
+                    config.hsam_feature_noise,
+                    embedding_stride=self.backbone.embedding_stride,
+                )
             self.prompt_head = PromptHead(sam_decoder, config.image_size) if config.prompt_head else None
         self.load_report = dict(self.backbone.load_report)
         self.load_report["reinitialised"] = self._reinitialised_parts()
@@ -115,7 +121,7 @@ class SamoraModel(nn.Module):
 
     # ----- forward ------------------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Image embedding (B, C, S/16, S/16) with the stage's expert routing."""
+        """Image embedding (B, C, S/stride, S/stride) with the stage's expert routing."""
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != self.config.image_size:
             raise ValueError(
                 f"expected images (B, 3, {self.config.image_size}, {self.config.image_size}), got {tuple(images.shape)}"

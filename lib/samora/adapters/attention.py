@@ -10,19 +10,25 @@ from samora.backbones.base import AttentionCore
 
 
 class SplitQKV(nn.Module):
-    """A fused qkv Linear split into q, k, v Linears so LoRA can target Q and V only (K untouched)."""
+    """A fused qkv Linear split into q, k, v Linears so LoRA can target Q and V only (K untouched).
 
-    def __init__(self, fused: nn.Linear) -> None:
+    `rows` gives the fused output rows of q, k and v when they are not three contiguous thirds (TinyViT
+    interleaves them per head); the split outputs are always concatenated as [q | k | v].
+    """
+
+    def __init__(self, fused: nn.Linear, rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         dim = fused.in_features
         width = fused.out_features // 3
+        if rows is None:
+            rows = tuple(torch.arange(i * width, (i + 1) * width) for i in range(3))
         bias = fused.bias is not None
-        self.q, self.k, self.v = (nn.Linear(dim, width, bias=bias) for _ in range(3))
+        self.q, self.k, self.v = (nn.Linear(dim, len(r), bias=bias) for r in rows)
         with torch.no_grad():
-            for i, layer in enumerate((self.q, self.k, self.v)):
-                layer.weight.copy_(fused.weight[i * width : (i + 1) * width])
+            for layer, index in zip((self.q, self.k, self.v), rows, strict=True):
+                layer.weight.copy_(fused.weight[index])
                 if bias:
-                    layer.bias.copy_(fused.bias[i * width : (i + 1) * width])
+                    layer.bias.copy_(fused.bias[index])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
@@ -65,6 +71,7 @@ class AdaptedAttention(nn.Module):
         return torch.cat([q, k, v], dim=-1), deltas
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.core.prepare(x)
         if self.mode == "off":
             qkv, _ = self._qkv(x, [])
             return self.core.attend(qkv, x)

@@ -1,4 +1,4 @@
-"""The interface every backbone family (SAM ViT, SAM2 Hiera) offers to experts, fusion and decoders."""
+"""The interface every backbone family (SAM ViT, SAM2 Hiera, LiteMedSAM) offers to experts, fusion and decoders."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 class BackboneOutput:
     """Image embedding for the decoders plus optional higher-resolution features (SAM2)."""
 
-    embedding: torch.Tensor  # (B, prompt_dim, S/16, S/16)
+    embedding: torch.Tensor  # (B, prompt_dim, S/stride, S/stride)
     high_res: list[torch.Tensor] | None = None
 
 
@@ -24,6 +24,10 @@ class AttentionCore(nn.Module):
     """
 
     width: int
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """What the block does to its input before the qkv projection (TinyViT: a LayerNorm; SAM: nothing)."""
+        return x
 
     def attend(self, qkv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -38,6 +42,7 @@ class Backbone(nn.Module):
     encoder: nn.Module
     prompt_encoder: nn.Module
     mask_decoder: nn.Module
+    load_report: dict
 
     def attention_sites(self) -> list[nn.Module]:  # pragma: no cover - interface
         """The AdaptedAttention modules, in depth order."""
@@ -52,6 +57,13 @@ class Backbone(nn.Module):
         del self.mask_decoder
         return decoder
 
+    embedding_stride: int = 16  # input pixels per embedding cell (SAM/SAM2: 16; LiteMedSAM: 4)
+
     @property
     def embedding_size(self) -> tuple[int, int]:
-        return (self.image_size // 16, self.image_size // 16)
+        return (self.image_size // self.embedding_stride, self.image_size // self.embedding_stride)
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the encoder holds real (non-random) weights."""
+        return bool(self.load_report.get("checkpoint"))

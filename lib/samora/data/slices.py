@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "CONTEXTS",
+    "Letterbox",
     "informative_slices",
     "iter_slice_batches",
     "resize_back",
@@ -71,17 +73,18 @@ def resize_image(x: torch.Tensor, size: int) -> torch.Tensor:
     return _bilinear(x, (size, size))
 
 
-def resize_label(y: torch.Tensor, size: int) -> torch.Tensor:
-    """Nearest-neighbour resize of (B, H, W) integer labels to (B, size, size); never interpolates classes."""
+def resize_label(y: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of (B, H, W) integer labels to (B, size, size) or (B, h, w); never new class ids."""
     if y.ndim != 3:
         raise ValueError(f"labels must be (B, H, W), got shape {tuple(y.shape)}")
     if y.is_floating_point():
         raise TypeError(f"labels must be an integer tensor, got {y.dtype}")
-    if tuple(y.shape[-2:]) == (size, size):
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(y.shape[-2:]) == size:
         return y.clone()
     # "nearest-exact" samples pixel centres symmetrically; plain "nearest" shifts labels by up to half a pixel.
     # float64 holds every int32 label exactly, so the round trip through interpolate cannot create new ids.
-    out = F.interpolate(y[:, None].to(torch.float64), size=(size, size), mode="nearest-exact")
+    out = F.interpolate(y[:, None].to(torch.float64), size=size, mode="nearest-exact")
     return out[:, 0].round().to(y.dtype)
 
 
@@ -89,6 +92,64 @@ def resize_back(probs: torch.Tensor, hw: tuple[int, int] | Sequence[int]) -> tor
     """Bilinear resize of (B, K, S, S) probabilities/logits back to the slice's (H, W)."""
     _check_4d(probs, "probs")
     return _bilinear(probs, (int(hw[0]), int(hw[1])))
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """The one mapping between a slice's (H, W) grid and the model's S x S input, used by training, inference and
+    prompts alike (LiteMedSAM's own pipeline): the longest side is scaled to S, the other keeps the aspect ratio,
+    and the rest is zero padding at the bottom/right. Outputs are cropped and resized back onto the exact grid."""
+
+    height: int
+    width: int
+    size: int
+
+    def __post_init__(self) -> None:
+        if min(self.height, self.width, self.size) < 1:
+            raise ValueError(f"letterbox needs positive sizes, got {self.height}x{self.width} -> {self.size}")
+
+    @property
+    def scale(self) -> float:
+        """Model pixels per slice pixel."""
+        return self.size / max(self.height, self.width)
+
+    @property
+    def inner(self) -> tuple[int, int]:
+        """(h, w) of the resized slice inside the S x S input (the rest is padding)."""
+        return (max(1, int(self.height * self.scale + 0.5)), max(1, int(self.width * self.scale + 0.5)))
+
+    def image(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, S, S): area-averaged when shrinking, bilinear when enlarging, zero padded."""
+        _check_4d(x, "x")
+        x = x if x.is_floating_point() else x.float()
+        h, w = self.inner
+        if (h, w) != tuple(x.shape[-2:]):
+            shrinking = h <= x.shape[-2] and w <= x.shape[-1]
+            mode = {"mode": "area"} if shrinking else {"mode": "bilinear", "align_corners": False}
+            x = F.interpolate(x, size=(h, w), **mode)
+        return F.pad(x, (0, self.size - w, 0, self.size - h))
+
+    def label(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) integer labels -> (B, S, S), nearest neighbour (never a new class id), zero padded."""
+        h, w = self.inner
+        resized = resize_label(y, (h, w))
+        return F.pad(resized, (0, self.size - w, 0, self.size - h))
+
+    def back(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, K, S, S) probabilities or logits -> (B, K, H, W) on the slice grid (padding cropped away)."""
+        _check_4d(maps, "maps")
+        h, w = self.inner
+        return _bilinear(maps[..., :h, :w], (self.height, self.width))
+
+    def points(self, rows_cols: np.ndarray) -> np.ndarray:
+        """(N, 2) voxel (row, col) indices -> (N, 2) model (x, y) at the voxel centres."""
+        rows_cols = np.asarray(rows_cols, dtype=np.float32).reshape(-1, 2)
+        return ((rows_cols[:, ::-1] + 0.5) * self.scale).astype(np.float32)
+
+    def box(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Inclusive voxel row/col range -> model box (x0, y0, x1, y1) on the voxels' outer edges."""
+        s = self.scale
+        return np.array([c0 * s, r0 * s, (c1 + 1) * s, (r1 + 1) * s], dtype=np.float32)
 
 
 def _bilinear(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

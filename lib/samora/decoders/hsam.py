@@ -79,18 +79,31 @@ class MaskModulatedBlock(nn.Module):
 
 
 class HierarchicalPixelDecoder(nn.Module):
-    """Upsamples stage-2 features, merges stage-1 upscaled features at S/4, and reaches full resolution S."""
+    """Upsamples stage-2 features, merges stage-1 upscaled features (4x the embedding grid), reaches size S.
 
-    def __init__(self, dim: int, out_channels: int) -> None:
+    `final_scale` is S over the stage-1 upscaled size: 4 for stride-16 embeddings (SAM, SAM2), 1 for LiteMedSAM's
+    stride-4 embedding, whose stage-1 output is already at full resolution (then a 3x3 conv replaces upsampling).
+    """
+
+    def __init__(self, dim: int, out_channels: int, final_scale: int = 4) -> None:
         super().__init__()
         c4, c8 = dim // 4, dim // 8
         self.to_quarter = nn.Sequential(
             nn.ConvTranspose2d(dim, c4, 2, 2), LayerNorm2d(c4), nn.GELU(), nn.ConvTranspose2d(c4, c8, 2, 2), nn.GELU()
         )
         self.merge = nn.Sequential(nn.Conv2d(2 * c8, c8, 3, padding=1), LayerNorm2d(c8), nn.GELU())
-        self.to_full = nn.Sequential(
-            nn.ConvTranspose2d(c8, out_channels, 2, 2), nn.GELU(), nn.ConvTranspose2d(out_channels, out_channels, 2, 2)
-        )
+        if final_scale == 4:
+            self.to_full = nn.Sequential(
+                nn.ConvTranspose2d(c8, out_channels, 2, 2),
+                nn.GELU(),
+                nn.ConvTranspose2d(out_channels, out_channels, 2, 2),
+            )
+        elif final_scale == 1:
+            self.to_full = nn.Sequential(
+                nn.Conv2d(c8, out_channels, 3, padding=1), nn.GELU(), nn.Conv2d(out_channels, out_channels, 1)
+            )
+        else:
+            raise ValueError(f"final_scale must be 4 or 1, got {final_scale}")
 
     def forward(self, src: torch.Tensor, stage1_upscaled: torch.Tensor) -> torch.Tensor:
         quarter = self.merge(torch.cat([self.to_quarter(src), stage1_upscaled], dim=1))
@@ -101,7 +114,13 @@ class HsamHead(nn.Module):
     """Two-stage decoding: the SAMed head gives a prior P; a fresh P-guided decoder refines to full resolution."""
 
     def __init__(
-        self, sam_decoder: MaskDecoder, num_classes: int, image_size: int, feature_noise: float = 0.1, depth: int = 2
+        self,
+        sam_decoder: MaskDecoder,
+        num_classes: int,
+        image_size: int,
+        feature_noise: float = 0.1,
+        depth: int = 2,
+        embedding_stride: int = 16,
     ) -> None:
         super().__init__()
         dim = sam_decoder.transformer_dim
@@ -116,7 +135,7 @@ class HsamHead(nn.Module):
         self.blocks = nn.ModuleList(MaskModulatedBlock(dim, heads, mlp_dim) for _ in range(depth))
         self.final_attn = BiasedAttention(dim, heads, downsample_rate=2)
         self.final_norm = nn.LayerNorm(dim)
-        self.pixel_decoder = HierarchicalPixelDecoder(dim, fine)
+        self.pixel_decoder = HierarchicalPixelDecoder(dim, fine, final_scale=embedding_stride // 4)
         self.hyper = nn.ModuleList(MLP(dim, dim, fine, 3) for _ in range(num_classes))
 
     def forward(self, embedding: torch.Tensor, prompt_encoder: nn.Module) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from samora.data import IntensityWindow, Volume, iter_slice_batches, normalise, resize_back, resize_image
+from samora.data import IntensityWindow, Letterbox, Volume, iter_slice_batches, normalise
 from samora.model import SamoraModel
 
 BODY_THRESHOLD = 0.02  # normalised intensity above which a voxel counts as body (for uncertainty)
@@ -34,9 +34,9 @@ def normalised_volume(volume: Volume, window: IntensityWindow | None = None) -> 
 def predict_slices(model: SamoraModel, stack: np.ndarray | torch.Tensor, device: str | torch.device = "cpu"):
     """(b, 3, H, W) slices in [0, 1] -> (b, K, H, W) class probabilities at the slices' own size."""
     x = torch.as_tensor(stack, dtype=torch.float32, device=device)
-    hw = x.shape[-2:]
-    probs = model.probabilities(model(resize_image(x, model.config.image_size)))
-    return resize_back(probs, hw).clamp_(0, 1)
+    letterbox = Letterbox(x.shape[-2], x.shape[-1], model.config.image_size)
+    probs = model.probabilities(model(letterbox.image(x)))
+    return letterbox.back(probs).clamp_(0, 1)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandScaleIntensityd
 
-from samora.data import IntensityWindow, load_label, load_volume, normalise, resize_image, resize_label, slice_stack
+from samora.data import IntensityWindow, Letterbox, load_label, load_volume, normalise, slice_stack
 from samora.engine.losses import PromptLoss, SegmentationLoss
 from samora.engine.prompts import simulate_prompt
 from samora.model import SamoraModel
@@ -85,9 +85,10 @@ def slices_from_arrays(
         return LabeledSlices(np.zeros((0, 3, size, size), np.float16), np.zeros((0, size, size), np.uint8), [])
     images = torch.as_tensor(np.stack([slice_stack(volume01, axis, i, context) for i in chosen]))
     masks = torch.as_tensor(np.stack([np.take(labels, i, axis=axis) for i in chosen]).astype(np.int64))
+    letterbox = Letterbox(images.shape[-2], images.shape[-1], size)
     return LabeledSlices(
-        resize_image(images, size).clamp(0, 1).numpy().astype(np.float16),
-        resize_label(masks, size).numpy().astype(np.uint8),
+        letterbox.image(images).clamp(0, 1).numpy().astype(np.float16),
+        letterbox.label(masks).numpy().astype(np.uint8),
         [case_id] * len(chosen),
     )
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from segment_anything.utils.amg import calculate_stability_score
 
-from samora.data import resize_back
+from samora.data import Letterbox
 
 STABILITY_OFFSET = 1.0  # logit offset of SAM's stability score (as in its automatic mask generator)
 # Measured on the sample-data demo model (2D box on the middle slice of 12 organs of the 3 unlabelled phantoms,
@@ -16,6 +16,7 @@ STABILITY_OFFSET = 1.0  # logit offset of SAM's stability score (as in its autom
 # 0.75 -> 0.62, 0.8 -> 0.64, 0.85 -> 0.33 and 0.9 -> 0.09 (stops after the seed slice). 0.75 keeps a margin from
 # that cliff; SAM's own automatic mask generator filters at 0.95 with trained weights.
 MIN_PROPAGATION_STABILITY = 0.75
+PROPAGATION_MARGIN_PX = 3.0  # model pixels added around the previous slice's mask box (organs grow between slices)
 
 
 class PromptError(ValueError):
@@ -118,47 +119,62 @@ def _in_plane(axis: int) -> tuple[int, int]:
     return rows, cols
 
 
-def slice_prompts(prompt: Prompt, axis: int, shape: tuple[int, int, int], size: int) -> dict[int, SlicePrompt]:
-    """Group clicks by slice along `axis` and map (row, col) voxels to model pixels (x = col, y = row)."""
+def slice_letterbox(shape: tuple[int, int, int], axis: int, size: int) -> Letterbox:
+    """The letterbox of the volume's slices along `axis` onto the model's size x size input."""
     rows, cols = _in_plane(axis)
-    sy, sx = size / shape[rows], size / shape[cols]
-    by_slice: dict[int, list[tuple[float, float, int]]] = {}
+    return Letterbox(shape[rows], shape[cols], size)
+
+
+def slice_prompts(prompt: Prompt, axis: int, shape: tuple[int, int, int], size: int) -> dict[int, SlicePrompt]:
+    """Group clicks by slice along `axis` and map voxels to model pixels through the slice letterbox."""
+    letterbox = slice_letterbox(shape, axis, size)
+    rows, cols = _in_plane(axis)
+    by_slice: dict[int, list[tuple[int, int, int]]] = {}
     for flag, pts in ((1, prompt.foreground), (0, prompt.background)):
         for p in pts:
-            by_slice.setdefault(p[axis], []).append(((p[cols] + 0.5) * sx, (p[rows] + 0.5) * sy, flag))
+            by_slice.setdefault(p[axis], []).append((p[rows], p[cols], flag))
     box = None
     if prompt.roi is not None:
-        r0, r1 = sorted(prompt.roi[2 * rows : 2 * rows + 2])
-        c0, c1 = sorted(prompt.roi[2 * cols : 2 * cols + 2])
-        r0, c0 = max(r0, 0), max(c0, 0)
-        r1, c1 = min(r1, shape[rows] - 1), min(c1, shape[cols] - 1)
-        box = np.array([c0 * sx, r0 * sy, (c1 + 1) * sx, (r1 + 1) * sy], dtype=np.float32)
+        r0, r1, c0, c1 = _roi_in_plane(prompt.roi, axis, letterbox)
+        box = letterbox.box(r0, r1, c0, c1)
         k0, k1 = sorted(prompt.roi[2 * axis : 2 * axis + 2])
         if not by_slice:
             centre = prompt.slice if prompt.slice is not None else (k0 + k1) // 2
             by_slice[min(max(centre, 0), shape[axis] - 1)] = []
     out = {}
     for k, pts in by_slice.items():
-        coords = np.array([[x, y] for x, y, _ in pts], dtype=np.float32).reshape(-1, 2)
+        coords = letterbox.points(np.array([[r, c] for r, c, _ in pts], dtype=np.float32))
         labels = np.array([f for _, _, f in pts], dtype=np.float32)
         out[int(k)] = SlicePrompt(coords, labels, box)
     return out
 
 
-def mask_to_prompt(mask: np.ndarray) -> SlicePrompt | None:
-    """Box + centroid click from a mask in model pixels (propagation to the next slice)."""
+def _roi_in_plane(roi: tuple[int, ...], axis: int, letterbox: Letterbox) -> tuple[int, int, int, int]:
+    """The ROI's inclusive (row0, row1, col0, col1) on the slice, clipped to it."""
+    rows, cols = _in_plane(axis)
+    r0, r1 = sorted(roi[2 * rows : 2 * rows + 2])
+    c0, c1 = sorted(roi[2 * cols : 2 * cols + 2])
+    return max(r0, 0), min(r1, letterbox.height - 1), max(c0, 0), min(c1, letterbox.width - 1)
+
+
+def mask_to_prompt(
+    mask: np.ndarray, letterbox: Letterbox, margin_px: float = PROPAGATION_MARGIN_PX, within: np.ndarray | None = None
+) -> SlicePrompt | None:
+    """The next slice's prompt from a mask on the slice grid: its bounding box plus a margin in model pixels,
+    clipped to the slice (and to `within`, a model-pixel box such as a 3D ROI's)."""
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         return None
-    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
-    # the pixel nearest the centroid that is inside the mask (centroids of C-shapes fall outside)
-    cy, cx = ys.mean(), xs.mean()
-    i = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
-    return SlicePrompt(np.array([[xs[i] + 0.5, ys[i] + 0.5]], np.float32), np.ones(1, np.float32), box)
+    box = letterbox.box(int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max()))
+    box += np.array([-margin_px, -margin_px, margin_px, margin_px], dtype=np.float32)
+    h, w = letterbox.inner
+    limits = np.array([0, 0, w, h], dtype=np.float32) if within is None else within
+    box = np.concatenate([np.maximum(box[:2], limits[:2]), np.minimum(box[2:], limits[2:])])
+    return SlicePrompt(np.zeros((0, 2), np.float32), np.zeros(0, np.float32), box)
 
 
 @torch.no_grad()
-def decode_slice_prompt(model, embedding: torch.Tensor, prompt: SlicePrompt, hw: tuple[int, int]) -> np.ndarray:
+def decode_slice_prompt(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox) -> np.ndarray:
     """Mask logits (H, W) on the slice grid for one slice prompt on a cached embedding (mask = logits > 0)."""
     device = embedding.device
     kwargs = {}
@@ -171,8 +187,8 @@ def decode_slice_prompt(model, embedding: torch.Tensor, prompt: SlicePrompt, hw:
         kwargs["boxes"] = torch.as_tensor(prompt.box, device=device)[None]
     out = model.prompt(embedding, **kwargs)
     single_click = prompt.box is None and len(prompt.coords) == 1
-    logits = model.prompt_head.best_mask(out, multimask=single_click and model.config.checkpoint is not None)
-    return resize_back(logits, hw)[0, 0].float().cpu().numpy()
+    logits = model.prompt_head.best_mask(out, multimask=single_click and model.backbone.pretrained)
+    return letterbox.back(logits)[0, 0].float().cpu().numpy()
 
 
 def mask_stability(logits: np.ndarray) -> float:
@@ -186,29 +202,21 @@ def refine(
     runtime,
     path: str,
     prompt: Prompt,
-    max_propagation: int = 64,
+    max_propagation: int = 512,
     min_pixels: int = 4,
     min_stability: float = MIN_PROPAGATION_STABILITY,
 ) -> tuple[np.ndarray, dict]:
-    """Segment the prompted slices, then propagate slice by slice (box + click from the previous mask) until the
-    structure vanishes, jumps away from the previous slice, or the model's mask turns unstable."""
+    """Segment the prompted slices, then propagate slice by slice in both directions (each next slice prompted
+    with the previous mask's box plus a margin) until the structure vanishes, jumps away from the previous slice,
+    or the model's mask turns unstable. A 3D ROI also bounds the propagation in z and in-plane."""
     version, model = runtime.model()
     volume, _ = runtime.volume(path)
     check_inside(prompt, volume.shape)
     axis = volume.axial_axis
-    rows, cols = _in_plane(axis)
-    hw = (volume.shape[rows], volume.shape[cols])
-    size = model.config.image_size
+    letterbox = slice_letterbox(volume.shape, axis, model.config.image_size)
     out = np.zeros(volume.shape, dtype=np.uint8)
-    seeds = slice_prompts(prompt, axis, volume.shape, size)
-    depth = volume.shape[axis]
-    if prompt.roi is not None:
-        z_lo, z_hi = sorted(prompt.roi[2 * axis : 2 * axis + 2])
-        z_lo, z_hi = max(z_lo, 0), min(z_hi, depth - 1)
-        if z_lo == z_hi:  # a 2D box drawn on one slice: allow propagation beyond it
-            z_lo, z_hi = 0, depth - 1
-    else:
-        z_lo, z_hi = 0, depth - 1
+    seeds = slice_prompts(prompt, axis, volume.shape, model.config.image_size)
+    z_lo, z_hi, within = _propagation_limits(prompt, axis, volume.shape[axis], letterbox)
     done: set[int] = set()
 
     def put(k: int, mask: np.ndarray) -> None:
@@ -216,25 +224,22 @@ def refine(
         selector[axis] = k
         out[tuple(selector)] = np.maximum(out[tuple(selector)], mask.astype(np.uint8))
 
+    def decode(k: int, sp: SlicePrompt) -> np.ndarray:
+        return decode_slice_prompt(model, runtime.slice_embedding(path, k), sp, letterbox)
+
+    seed_masks = {}
     for k, sp in sorted(seeds.items()):
-        mask = decode_slice_prompt(model, runtime.slice_embedding(path, k), sp, hw) > 0
-        put(k, mask)
+        seed_masks[k] = decode(k, sp) > 0
+        put(k, seed_masks[k])
         done.add(k)
     for k in sorted(seeds):
         for step in (1, -1):
-            selector = [slice(None)] * 3
-            selector[axis] = k
-            previous = out[tuple(selector)]
+            previous = seed_masks[k]
             z = k + step
             for _ in range(max_propagation):
-                if z < z_lo or z > z_hi or z in done:
+                if z < z_lo or z > z_hi or z in done or previous.sum() < min_pixels:
                     break
-                small = torch.as_tensor(previous[None, None].astype(np.float32))
-                prev_model = torch.nn.functional.interpolate(small, size=(size, size), mode="nearest")[0, 0].numpy()
-                seed = mask_to_prompt(prev_model > 0.5)
-                if seed is None or previous.sum() < min_pixels:
-                    break
-                logits = decode_slice_prompt(model, runtime.slice_embedding(path, z), seed, hw)
+                logits = decode(z, mask_to_prompt(previous, letterbox, within=within))
                 mask = logits > 0
                 # stop when the structure vanishes or jumps (little overlap with the previous slice), or when the
                 # mask is unstable: past an organ's end a box prompt still yields a mask, but a hesitant one
@@ -243,6 +248,19 @@ def refine(
                     break
                 put(z, mask)
                 done.add(z)
-                previous = mask.astype(np.uint8)
+                previous = mask
                 z += step
     return out, {"model_version": version, "slices": sorted(done), "label": prompt.label}
+
+
+def _propagation_limits(
+    prompt: Prompt, axis: int, depth: int, letterbox: Letterbox
+) -> tuple[int, int, np.ndarray | None]:
+    """z range a prompt may propagate over, and the in-plane model box it stays inside (a 3D ROI's)."""
+    if prompt.roi is None:
+        return 0, depth - 1, None
+    z_lo, z_hi = sorted(prompt.roi[2 * axis : 2 * axis + 2])
+    if z_lo == z_hi:  # a 2D box drawn on one slice: propagate beyond it, unbounded in-plane
+        return 0, depth - 1, None
+    r0, r1, c0, c1 = _roi_in_plane(prompt.roi, axis, letterbox)
+    return max(z_lo, 0), min(z_hi, depth - 1), letterbox.box(r0, r1, c0, c1)

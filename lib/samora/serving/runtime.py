@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samora.data import Volume, load_volume, resize_image, slice_stack
+from samora.data import Letterbox, Volume, load_volume, slice_stack
 from samora.engine.inference import normalised_volume
 from samora.engine.store import ModelStore
 from samora.model import SamoraModel
@@ -99,7 +99,8 @@ class ModelRuntime:
                 self._embeddings.move_to_end(key)
                 return hit
         stack = torch.as_tensor(slice_stack(scaled, volume.axial_axis, index, model.config.context))[None]
-        embedding = model.encode(resize_image(stack, model.config.image_size).to(self.settings.device))
+        letterbox = Letterbox(stack.shape[-2], stack.shape[-1], model.config.image_size)
+        embedding = model.encode(letterbox.image(stack).to(self.settings.device))
         with self._lock:
             self.encoder_calls += 1
             self._embeddings[key] = embedding
