@@ -31,6 +31,7 @@ from samora.data import (
     resize_image,
     resize_label,
     save_label,
+    set_ct_window,
     slice_stack,
     write_phantom_studies,
 )
@@ -360,7 +361,16 @@ def test_normalise_constant_volume_gives_zeros(window: IntensityWindow) -> None:
 
 def test_window_presets_and_validation() -> None:
     assert IntensityWindow.ct_soft_tissue() == IntensityWindow("hu", -160.0, 240.0)
-    assert default_for("ct") == IntensityWindow.ct_abdomen() and IntensityWindow.default_for("MR").kind == "percentile"
+    # LiteMedSAM's CT window (level 40 / width 400) is the default; the app's conf ct_window replaces it
+    assert default_for("ct") == IntensityWindow("hu", -160.0, 240.0)
+    assert IntensityWindow.default_for("MR").kind == "percentile"
+    set_ct_window(IntensityWindow.from_level_width(75.0, 400.0))
+    try:
+        assert default_for("CT") == IntensityWindow.ct_abdomen()
+        with pytest.raises(ValueError, match="Hounsfield"):
+            set_ct_window(IntensityWindow.mr())
+    finally:
+        set_ct_window(IntensityWindow.from_level_width(40.0, 400.0))
     with pytest.raises(ValueError):
         IntensityWindow("hu", 10.0, -10.0)
     with pytest.raises(ValueError):

@@ -30,9 +30,12 @@ def test_click_maps_inside_model_frame_and_back(sp, size, axis):
     x, y = prompts[point[axis]].coords[0]
     assert 0 <= x <= size and 0 <= y <= size
     rows, cols = [a for a in range(3) if a != axis]
-    # inverting the mapping recovers the voxel the user clicked
-    assert int(np.floor(x * shape[cols] / size)) == point[cols]
-    assert int(np.floor(y * shape[rows] / size)) == point[rows]
+    # the letterbox keeps the aspect ratio (longest side = size), so the click lands inside the unpadded part,
+    # and inverting the mapping recovers the voxel the user clicked
+    scale = size / max(shape[rows], shape[cols])
+    assert x <= shape[cols] * scale and y <= shape[rows] * scale
+    assert int(np.floor(x / scale)) == point[cols]
+    assert int(np.floor(y / scale)) == point[rows]
 
 
 @given(shape_and_point(), shape_and_point())

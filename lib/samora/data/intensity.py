@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["IntensityWindow", "default_for", "normalise"]
+__all__ = ["IntensityWindow", "default_for", "normalise", "set_ct_window"]
 
 WINDOW_KINDS = ("hu", "percentile")
 # Above this many foreground voxels percentiles are taken on a strided sample: same answer to <1%, bounded cost.
@@ -41,6 +41,11 @@ class IntensityWindow:
         return cls("hu", -160.0, 240.0)
 
     @classmethod
+    def from_level_width(cls, level: float, width: float) -> IntensityWindow:
+        """A Hounsfield window given as radiologists write it: centre level and width."""
+        return cls("hu", level - width / 2.0, level + width / 2.0)
+
+    @classmethod
     def ct_wide(cls) -> IntensityWindow:
         """Wide window that keeps lung and bone, [-1000, 1000] HU."""
         return cls("hu", -1000.0, 1000.0)
@@ -52,10 +57,10 @@ class IntensityWindow:
 
     @classmethod
     def default_for(cls, modality: str) -> IntensityWindow:
-        """Default window for "CT" (abdomen) or "MR" (percentile)."""
+        """Default window for "CT" (level 40 / width 400 HU unless set_ct_window changed it) or "MR" (percentile)."""
         modality = modality.upper()
         if modality == "CT":
-            return cls.ct_abdomen()
+            return _ct_window
         if modality == "MR":
             return cls.mr()
         raise ValueError(f"no default intensity window for modality {modality!r} (expected CT or MR)")
@@ -68,6 +73,18 @@ class IntensityWindow:
     def from_dict(cls, data: dict[str, Any]) -> IntensityWindow:
         """Inverse of to_dict."""
         return cls(str(data["kind"]), float(data["low"]), float(data["high"]))
+
+
+# LiteMedSAM's CT preprocessing: soft-tissue window level 40 / width 400 HU = [-160, 240].
+_ct_window = IntensityWindow.from_level_width(40.0, 400.0)
+
+
+def set_ct_window(window: IntensityWindow) -> None:
+    """The CT window of every default_for("CT") in this process (the app's conf ct_window)."""
+    global _ct_window
+    if window.kind != "hu":
+        raise ValueError(f"a CT window is in Hounsfield units, got kind {window.kind!r}")
+    _ct_window = window
 
 
 def default_for(modality: str) -> IntensityWindow:

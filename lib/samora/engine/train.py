@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -19,6 +20,9 @@ from samora.engine.prompts import simulate_prompt
 from samora.model import SamoraModel
 
 log = logging.getLogger(__name__)
+
+
+TRAIN_MODES = ("full", "cached")
 
 
 @dataclass
@@ -37,10 +41,19 @@ class FinetuneConfig:
     max_steps: int | None = None
     seed: int = 0
     device: str = "cpu"
+    # "full": HL-Attn + heads + prompt path, back-propagating through the encoder (a GPU-sized job);
+    # "cached": heads + prompt path on embeddings of the frozen encoder, each computed once (see EmbeddingStore)
+    mode: str = "full"
+    embedding_dir: str | None = None  # where "cached" keeps embeddings; None: a temporary folder for this run
+    # learning rate of a PRETRAINED prompt path relative to `lr`: it already answers boxes well, and the new heads'
+    # rate would overwrite that on a few labels (LiteMedSAM's own fine-tuning uses 1e-5)
+    prompt_lr_scale: float = 0.01
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"invalid fine-tuning config: {asdict(self)}")
+        if self.mode not in TRAIN_MODES:
+            raise ValueError(f"fine-tuning mode {self.mode!r} is not one of {TRAIN_MODES}")
 
 
 @dataclass
@@ -158,16 +171,28 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
 
 
 @torch.no_grad()
-def evaluate_slices(model: SamoraModel, data: LabeledSlices, batch_size: int = 8, device: str = "cpu") -> float:
-    """Mean foreground Dice over classes present in `data` (computed on the whole set, per class)."""
+def evaluate_slices(
+    model: SamoraModel,
+    data: LabeledSlices,
+    batch_size: int = 8,
+    device: str = "cpu",
+    embeddings: np.ndarray | None = None,
+) -> float:
+    """Mean foreground Dice over classes present in `data` (computed on the whole set, per class).
+
+    With `embeddings` (the data's cached image embeddings) the encoder is not run."""
     model.eval()
     k = model.config.num_classes
     inter = np.zeros(k)
     total = np.zeros(k)
     for start in range(0, len(data), batch_size):
-        x = torch.as_tensor(data.images[start : start + batch_size], dtype=torch.float32, device=device)
-        y = torch.as_tensor(data.labels[start : start + batch_size].astype(np.int64))
-        pred = model.probabilities(model(x)).argmax(1).cpu()
+        window = slice(start, start + batch_size)
+        if embeddings is not None:
+            out = model.decode(torch.as_tensor(embeddings[window], dtype=torch.float32, device=device))
+        else:
+            out = model(torch.as_tensor(data.images[window], dtype=torch.float32, device=device))
+        pred = model.probabilities(out).argmax(1).cpu()
+        y = torch.as_tensor(data.labels[window].astype(np.int64))
         for c in range(1, k):
             p, t = pred == c, y == c
             inter[c] += float((p & t).sum())
@@ -203,6 +228,47 @@ def _prompt_loss(model, emb, labels, rng, loss_fn) -> torch.Tensor | None:
     return sum(losses) / len(prompts) if losses else None
 
 
+def _optimizer(model: SamoraModel, config: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW over the stage's trainables; a pretrained prompt path learns at `prompt_lr_scale` x the rate."""
+    trainable = {id(p) for p in model.trainable_parameters()}
+    prompt_scale = config.prompt_lr_scale if model.backbone.pretrained else 1.0
+    prompt = [p for p in model.prompt_path_parameters() if id(p) in trainable]
+    prompt_ids = {id(p) for p in prompt}
+    rest = [p for p in model.trainable_parameters() if id(p) not in prompt_ids]
+    groups = [{"params": rest, "lr": config.lr}, {"params": prompt, "lr": config.lr * prompt_scale}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
+
+
+def _embed_for_training(model: SamoraModel, data: LabeledSlices | None, config: FinetuneConfig, root: str):
+    """Cached-mode embeddings of `data` (None when there is no such set)."""
+    if data is None or not len(data):
+        return None
+    from samora.engine.embeddings import EmbeddingStore
+
+    return EmbeddingStore(root, model).embed(model, data.images, batch_size=4, device=config.device)
+
+
+class _Batches:
+    """Training batches: images through augmentation and the encoder ("full") or cached embeddings ("cached")."""
+
+    def __init__(self, model: SamoraModel, train: LabeledSlices, config: FinetuneConfig, embeddings) -> None:
+        self.model, self.train, self.config, self.embeddings = model, train, config, embeddings
+        self.augment = _augmenter(config.seed) if config.augment and embeddings is None else None
+        self.device = torch.device(config.device)
+
+    def __call__(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedding, labels) of one batch."""
+        y = torch.as_tensor(self.train.labels[idx].astype(np.int64))
+        if self.embeddings is not None:
+            return torch.as_tensor(self.embeddings[idx], dtype=torch.float32, device=self.device), y.to(self.device)
+        x = torch.as_tensor(self.train.images[idx], dtype=torch.float32)
+        if self.augment is not None:
+            pairs = [self.augment({"image": x[i], "label": y[i][None].float()}) for i in range(len(idx))]
+            x = torch.stack([torch.as_tensor(p["image"]) for p in pairs]).clamp(0, 1)
+            y = torch.stack([torch.as_tensor(p["label"])[0] for p in pairs]).round().long()
+        return self.model.encode(x.to(self.device)), y.to(self.device)
+
+
 def finetune(
     model: SamoraModel,
     train: LabeledSlices,
@@ -216,9 +282,16 @@ def finetune(
         raise ValueError("no labelled slices to train on: every label volume is empty")
     device = torch.device(config.device)
     model.to(device)
-    model.set_stage("finetune")
+    start = time.perf_counter()
+    cached = config.mode == "cached"
+    model.set_stage("finetune-heads" if cached else "finetune")
+    with tempfile.TemporaryDirectory(prefix="samora-embeddings-") as scratch:
+        root = config.embedding_dir or scratch
+        train_emb = _embed_for_training(model, train, config, root) if cached else None
+        val_emb = _embed_for_training(model, val, config, root) if cached else None
+    encode_s = time.perf_counter() - start
     params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = _optimizer(model, config)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total = steps_per_epoch * config.epochs
     if config.max_steps:
@@ -228,28 +301,23 @@ def finetune(
     )
     seg_loss = SegmentationLoss(config.ce_weight)
     prompt_loss = PromptLoss()
-    augment = _augmenter(config.seed) if config.augment else None
+    batches = _Batches(model, train, config, train_emb)
     rng = np.random.default_rng(config.seed)
     hsam = model.config.decoder == "hsam"
     has_prompt = config.prompt_training and model.prompt_head is not None
+    if val is not None and len(val):
+        check, check_emb = val, val_emb
+    else:
+        check, check_emb = train, train_emb
     history: list[dict] = []
     best = {"metric": -math.inf, "epoch": -1, "state": None}
     step = 0
-    start = time.perf_counter()
     for epoch in range(config.epochs):
         model.train()
         order = rng.permutation(len(train))
         losses = []
         for b in range(0, len(order), config.batch_size):
-            idx = order[b : b + config.batch_size]
-            x = torch.as_tensor(train.images[idx], dtype=torch.float32)
-            y = torch.as_tensor(train.labels[idx].astype(np.int64))
-            if augment is not None:
-                pairs = [augment({"image": x[i], "label": y[i][None].float()}) for i in range(len(idx))]
-                x = torch.stack([torch.as_tensor(p["image"]) for p in pairs]).clamp(0, 1)
-                y = torch.stack([torch.as_tensor(p["label"])[0] for p in pairs]).round().long()
-            x, y = x.to(device), y.to(device)
-            emb = model.encode(x)
+            emb, y = batches(order[b : b + config.batch_size])
             loss = seg_loss(model.decode(emb), y, epoch, hsam)
             if has_prompt:
                 extra = _prompt_loss(model, emb, y.cpu(), rng, prompt_loss)
@@ -264,7 +332,7 @@ def finetune(
             step += 1
             if step >= total or (should_stop and should_stop()):
                 break
-        metric = evaluate_slices(model, val if val is not None and len(val) else train, config.batch_size, device)
+        metric = evaluate_slices(model, check, config.batch_size, device, check_emb)
         record = {
             "epoch": epoch + 1,
             "total_epochs": config.epochs,
@@ -291,4 +359,6 @@ def finetune(
         "best_epoch": best["epoch"],
         "steps": step,
         "total_time": time.perf_counter() - start,
+        "encode_time": encode_s,
+        "mode": config.mode,
     }

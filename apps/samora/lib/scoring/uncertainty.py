@@ -25,6 +25,10 @@ def stored_score(datastore: Datastore, image_id: str, version: int) -> float | N
 def score_images(runtime: ModelRuntime, datastore: Datastore, image_ids: list[str]) -> dict:
     """Score the given studies that lack a score for the current model version; returns counts."""
     version, model = runtime.model()
+    if version == 0:
+        # untrained class heads give every study the same meaningless entropy: rank only with a trained model
+        log.info("uncertainty scoring skipped: no trained model version yet")
+        return {"model_version": 0, "scored": {}, "skipped": len(image_ids), "reason": "no trained model version"}
     scored, skipped = {}, 0
     for image_id in image_ids:
         if stored_score(datastore, image_id, version) is not None:

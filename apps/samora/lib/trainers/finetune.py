@@ -119,6 +119,8 @@ class SamoraFinetuneTrainer(TrainTask):
                 lr=params["lr"],
                 prompt_training=params["prompt_training"],
                 device=self.runtime.settings.device,
+                mode=self.runtime.settings.resolved_train_mode(),
+                embedding_dir=str(self.runtime.store.root / "embeddings"),
             ),
             val=val,
             on_epoch=on_epoch,
@@ -132,6 +134,7 @@ class SamoraFinetuneTrainer(TrainTask):
                 "best_metric": result["best_metric"],
                 "history": result["history"],
                 "base_version": version,
+                "train_mode": result["mode"],
             },
         )
         final = {
@@ -144,6 +147,7 @@ class SamoraFinetuneTrainer(TrainTask):
             "model_version": new_version,
             "base_version": version,
             "labeled_studies": len(cases),
+            "train_mode": result["mode"],
         }
         self.stats_file.write(final)
         log.info("published model version %d (best dice %.4f)", new_version, result["best_metric"])

@@ -1,0 +1,89 @@
+"""Image embeddings of training slices, computed once and kept on disk, for training on a frozen encoder.
+
+A slice is encoded once per (slice content, encoder state): the file name is the hash of the model-input slice,
+the folder name the fingerprint of everything that shapes the encoder's output (preset, size, base weights,
+experts, fusion, routing). A new expert or fusion state therefore lands in a new folder and never reuses stale
+embeddings. Files are float16 and written atomically, so a killed training leaves only complete files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from samora.io_utils import atomic_write
+from samora.model import SamoraModel
+
+log = logging.getLogger(__name__)
+
+
+def encoder_fingerprint(model: SamoraModel) -> str:
+    """Hash of what determines the embedding: backbone identity, routing, and the expert/fusion weights."""
+    config = model.config
+    identity = {
+        "preset": config.preset,
+        "image_size": config.image_size,
+        "checkpoint": model.load_report.get("checkpoint"),
+        "init_seed": config.init_seed,
+        "fusion": config.fusion,
+        "context": config.context,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+    for key, value in sorted(model.backbone.encoder.state_dict().items()):
+        if "lora_" in key or ".fusion." in key:
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def slice_key(image: np.ndarray) -> str:
+    """Content hash of one model-input slice."""
+    return hashlib.sha256(np.ascontiguousarray(image, dtype=np.float16).tobytes()).hexdigest()[:32]
+
+
+class EmbeddingStore:
+    """A folder of per-slice embeddings for one encoder state."""
+
+    def __init__(self, root: str | Path, model: SamoraModel) -> None:
+        self.directory = Path(root) / encoder_fingerprint(model)
+
+    def embed(
+        self,
+        model: SamoraModel,
+        images: np.ndarray,
+        batch_size: int = 4,
+        device: str | torch.device = "cpu",
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """(n, C, h, w) float16 embeddings of (n, 3, S, S) slices; only slices not on disk yet are encoded."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        keys = [slice_key(image) for image in images]
+        missing = [i for i, key in enumerate(keys) if not self._path(key).is_file()]
+        if missing:
+            log.info("encoding %d of %d slices (the rest are cached in %s)", len(missing), len(keys), self.directory)
+        model.eval()
+        for done, start in enumerate(range(0, len(missing), batch_size)):
+            chunk = missing[start : start + batch_size]
+            x = torch.as_tensor(images[chunk], dtype=torch.float32, device=device)
+            with torch.no_grad():
+                embeddings = model.encode(x).cpu().numpy().astype(np.float16)
+            for i, embedding in zip(chunk, embeddings, strict=True):
+                atomic_write(self._path(keys[i]), lambda tmp, e=embedding: _save_npy(tmp, e))
+            if on_progress is not None:
+                on_progress(min((done + 1) * batch_size, len(missing)), len(missing))
+        return np.stack([np.load(self._path(key)) for key in keys])
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.npy"
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    # through a file object: np.save would append ".npy" to the temporary name
+    with open(path, "wb") as f:
+        np.save(f, array)
