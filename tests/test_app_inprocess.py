@@ -26,7 +26,12 @@ def test_info_lists_tasks(client):
 
 def test_train_publishes_version_and_infer_uses_it(client, tmp_path):
     unlabeled = client.store["unlabeled"][0]
-    before = _infer(client, "samora", unlabeled)
+    # before any training the class heads are untrained: 409 with what to do, and /info says so
+    before = client.post(f"/infer/samora?image={unlabeled}&output=all", data={"params": "{}"})
+    assert before.status_code == 409, before.text
+    detail = before.json()["detail"]
+    assert "no trained model version" in detail and "save final labels" in detail.lower()
+    assert client.get("/info/").json()["models"]["samora"]["status"].startswith("untrained")
     # save a final label with Slicer-style label_info in a shuffled order
     target = client.store["unlabeled"][1]
     order = ["spine", "kidney_right", "liver", "spleen", "kidney_left"]
@@ -45,7 +50,8 @@ def test_train_publishes_version_and_infer_uses_it(client, tmp_path):
     stats = client.get("/info/").json()["train_stats"]["samora"]
     assert stats["epoch"] == 2 and stats["total_epochs"] == 2 and "best_metric" in stats
     after = _infer(client, "samora", unlabeled)
-    assert before.headers.get("content-type") != "" and after.status_code == 200
+    assert after.status_code == 200 and after.content
+    assert client.get("/info/").json()["models"]["samora"]["status"] == "model version 1"
 
 
 def test_prompt_reuses_embeddings(client):

@@ -29,8 +29,7 @@ def test_sam2_preset_serves_segments_and_trains(sam2_client, tmp_path):
     shape = nib.load(str(client.store["studies"] / f"{image}.nii.gz")).shape
 
     r = client.post(f"/infer/samora?image={image}&output=image", data={"params": "{}"})
-    assert r.status_code == 200, r.text[:300]
-    assert _label_volume(r, tmp_path).shape == shape
+    assert r.status_code == 409, r.text[:300]  # untrained heads: no auto-segmentation before the first training
 
     params = {"label": "liver", "foreground": [[32, 32, 12]], "background": [], "roi": [], "slice": 12}
     r = client.post(f"/infer/samora_prompt?image={image}&output=image", data={"params": json.dumps(params)})
@@ -52,6 +51,9 @@ def test_sam2_preset_serves_segments_and_trains(sam2_client, tmp_path):
     ]
     published = json.loads((model_dir / "versions" / "v000001" / "model.json").read_text())
     assert published["backbone"] == {"family": "sam2", "preset": "sam2_tiny"}
+    r = client.post(f"/infer/samora?image={image}&output=image", data={"params": "{}"})
+    assert r.status_code == 200, r.text[:300]
+    assert _label_volume(r, tmp_path).shape == shape
 
 
 def test_sam2_preset_refuses_an_image_size_hiera_cannot_pool(tmp_path, monkeypatch):

@@ -595,3 +595,58 @@ def test_write_phantom_studies_layout(tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*.nii.gz")} == mtimes
     with gzip.open(store / "phantom_000.nii.gz") as f:
         assert len(f.read()) > 352  # a real gzip'd NIfTI, not an empty placeholder
+
+
+# ----- letterbox: the one slice <-> model-input mapping ------------------------------------------------------------
+
+ORIENTATIONS = [(t, fr, fc) for t in (False, True) for fr in (False, True) for fc in (False, True)]
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_letterbox_keeps_aspect_pads_and_maps_back_exactly_onto_the_grid(orientation):
+    from samora.data import Letterbox
+
+    box = Letterbox(122, 101, 256, *orientation)
+    yy, xx = np.mgrid[0:122, 0:101]
+    smooth = torch.as_tensor(np.sin(yy / 9.0) + np.cos(xx / 7.0) + yy / 50.0, dtype=torch.float32)[None, None]
+    shown = box.image(smooth)
+    h, w = box.inner
+    assert shown.shape == (1, 1, 256, 256) and max(h, w) == 256 and min(h, w) == round(101 * 256 / 122)
+    assert shown[..., h:, :].eq(0).all() and shown[..., :, w:].eq(0).all() and min(h, w) < 256  # padding bottom/right
+    back = box.back(shown)
+    assert back.shape == smooth.shape and (back - smooth).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_letterbox_label_box_and_points_agree_in_every_orientation(orientation):
+    from samora.data import Letterbox
+
+    box = Letterbox(122, 101, 256, *orientation)
+    label = torch.zeros(1, 122, 101, dtype=torch.int64)
+    label[0, 30:61, 10:41] = 3  # rows 30..60, cols 10..40
+    model_label = box.label(label)[0].numpy()
+    assert set(np.unique(model_label)) == {0, 3}
+    ys, xs = np.nonzero(model_label)
+    x0, y0, x1, y1 = box.box(30, 60, 10, 40)
+    assert abs(xs.min() - x0) <= 1 and abs(xs.max() + 1 - x1) <= 1
+    assert abs(ys.min() - y0) <= 1 and abs(ys.max() + 1 - y1) <= 1
+    x, y = box.points(np.array([[45, 25]]))[0]  # a voxel inside the rectangle lands inside its model image
+    assert model_label[int(y), int(x)] == 3
+    assert box.back(torch.as_tensor(model_label == 3, dtype=torch.float32)[None, None])[0, 0].numpy()[45, 25] > 0.5
+
+
+def test_letterbox_orientation_follows_the_affine():
+    from samora.data import Letterbox
+
+    ras = np.diag([3.0, 3.0, 3.0, 1.0])  # array axes: i -> right, j -> anterior
+    lps = np.diag([-1.0, -1.0, 2.0, 1.0])  # i -> left, j -> posterior
+    swapped = np.array([[0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1]])  # i -> anterior
+    a = Letterbox.for_volume(ras, (122, 101, 40), 2, 256)
+    b = Letterbox.for_volume(lps, (122, 101, 40), 2, 256)
+    c = Letterbox.for_volume(swapped, (122, 101, 40), 2, 256)
+    assert (a.transpose, a.flip_rows, a.flip_cols) == (True, False, False)
+    assert (b.transpose, b.flip_rows, b.flip_cols) == (True, True, True)
+    assert (c.transpose, c.flip_rows, c.flip_cols) == (False, False, False)
+    # the same anatomy stored RAS or LPS reaches the model as the same picture
+    image = torch.rand(1, 1, 122, 101, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.image(image), b.image(image.flip(-1, -2)))

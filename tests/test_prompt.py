@@ -117,8 +117,9 @@ def test_swapped_roi_corners_give_the_same_box():
     a, b = slice_prompts(normal, 2, SHAPE, 64), slice_prompts(swapped, 2, SHAPE, 64)
     assert list(a) == list(b) == [10]  # no clicks: the box is decoded on its middle slice
     np.testing.assert_array_equal(a[10].box, b[10].box)
-    # box in model pixels: x = columns (j), y = rows (i); 64 px model on a 64 voxel slice is 1:1
-    np.testing.assert_array_equal(a[10].box, [5, 10, 41, 31])
+    # box in model pixels; with an identity affine the model sees the slice transposed (rows run anterior):
+    # x = i, y = j; 64 px model on a 64 voxel slice is 1:1
+    np.testing.assert_array_equal(a[10].box, [10, 5, 31, 41])
 
 
 def test_roi_partly_outside_is_clipped_and_points_map_to_their_slices():
@@ -126,10 +127,10 @@ def test_roi_partly_outside_is_clipped_and_points_map_to_their_slices():
     check_inside(prompt, SHAPE)  # partly inside is fine
     per_slice = slice_prompts(prompt, 2, SHAPE, 128)  # 128 px model: 2 pixels per voxel
     assert sorted(per_slice) == [3, 4]
-    np.testing.assert_allclose(per_slice[3].coords, [[13.0, 11.0]])  # ((j + .5) * 2, (i + .5) * 2)
+    np.testing.assert_allclose(per_slice[3].coords, [[11.0, 13.0]])  # ((i + .5) * 2, (j + .5) * 2), transposed
     np.testing.assert_array_equal(per_slice[3].labels, [1])
     np.testing.assert_array_equal(per_slice[4].labels, [0])
-    np.testing.assert_array_equal(per_slice[3].box, [100, 0, 128, 42])
+    np.testing.assert_array_equal(per_slice[3].box, [0, 100, 42, 128])
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from samora.serving.interactive import Prompt, PromptError, check_inside, parse_prompt, slice_prompts
+from samora.serving.interactive import (
+    Prompt,
+    PromptError,
+    check_inside,
+    parse_prompt,
+    slice_letterbox,
+    slice_prompts,
+)
 from samora.serving.labels import LabelMappingError, remap_by_name
 from samora.serving.validation import UploadError, validate_label_upload
 
@@ -31,11 +38,14 @@ def test_click_maps_inside_model_frame_and_back(sp, size, axis):
     assert 0 <= x <= size and 0 <= y <= size
     rows, cols = [a for a in range(3) if a != axis]
     # the letterbox keeps the aspect ratio (longest side = size), so the click lands inside the unpadded part,
-    # and inverting the mapping recovers the voxel the user clicked
+    # and inverting the mapping recovers the voxel the user clicked (identity affine: rows of the model input run
+    # along the array's second in-plane axis, the anterior one)
+    letterbox = slice_letterbox(shape, axis, size)
+    assert letterbox.transpose and not (letterbox.flip_rows or letterbox.flip_cols)
     scale = size / max(shape[rows], shape[cols])
-    assert x <= shape[cols] * scale and y <= shape[rows] * scale
-    assert int(np.floor(x / scale)) == point[cols]
-    assert int(np.floor(y / scale)) == point[rows]
+    assert x <= shape[rows] * scale and y <= shape[cols] * scale
+    assert int(np.floor(x / scale)) == point[rows]
+    assert int(np.floor(y / scale)) == point[cols]
 
 
 @given(shape_and_point(), shape_and_point())

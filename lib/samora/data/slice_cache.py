@@ -326,6 +326,7 @@ def _cache_study(
     study_window = window or IntensityWindow.default_for(volume.modality)
     volume01 = normalise(volume.array, study_window)
     axis = volume.axial_axis
+    letterbox = Letterbox.for_volume(volume.affine, volume.shape, axis, size)
     del volume
     slices = informative_slices(volume01, axis, min_foreground=min_foreground)
     record: dict[str, Any] = {
@@ -340,8 +341,6 @@ def _cache_study(
     if not slices:
         return record
     channels = 1 if context == "single" else 3
-    rows, cols = [a for a in range(3) if a != axis]
-    letterbox = Letterbox(volume01.shape[rows], volume01.shape[cols], size)
     tmp = out_file.with_name(f".{out_file.stem}.tmp.npy")
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(slices), channels, size, size))
     try:

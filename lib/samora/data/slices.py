@@ -94,19 +94,52 @@ def resize_back(probs: torch.Tensor, hw: tuple[int, int] | Sequence[int]) -> tor
     return _bilinear(probs, (int(hw[0]), int(hw[1])))
 
 
+# Which way the model sees a slice: rows along the anterior-posterior axis, columns along the left-right axis, in
+# the directions below (world RAS +1 = towards anterior / right). Measured on the abdominal CT of ../shared/data
+# with LiteMedSAM and truth boxes (bench notes in docs/benchmarks.md): transposed slices lose 0.28 liver Dice.
+ROW_TOWARDS = +1  # row index grows towards anterior (A-P axis of RAS)
+COL_TOWARDS = +1  # column index grows towards the patient's right (R-L axis of RAS)
+
+
 @dataclass(frozen=True)
 class Letterbox:
-    """The one mapping between a slice's (H, W) grid and the model's S x S input, used by training, inference and
-    prompts alike (LiteMedSAM's own pipeline): the longest side is scaled to S, the other keeps the aspect ratio,
-    and the rest is zero padding at the bottom/right. Outputs are cropped and resized back onto the exact grid."""
+    """The one mapping between a slice's (H, W) array grid and the model's S x S input, used by training,
+    inference, the SSL cache and prompts alike. The slice is first shown the way the model was trained to see
+    anatomy (transposed and/or flipped, see `for_volume`), then its longest side is scaled to S (LiteMedSAM's own
+    pipeline), the other keeps the aspect ratio, and the rest is zero padding at the bottom/right. Outputs are
+    cropped, resized and turned back onto the exact array grid."""
 
     height: int
     width: int
     size: int
+    transpose: bool = False  # shown rows = array columns
+    flip_rows: bool = False  # on the shown grid, after the transpose
+    flip_cols: bool = False
 
     def __post_init__(self) -> None:
         if min(self.height, self.width, self.size) < 1:
             raise ValueError(f"letterbox needs positive sizes, got {self.height}x{self.width} -> {self.size}")
+
+    @classmethod
+    def for_volume(cls, affine: np.ndarray, shape: Sequence[int], axis: int, size: int) -> Letterbox:
+        """The letterbox of a volume's slices along `axis`, oriented from its voxel-to-RAS affine."""
+        rows, cols = [a for a in range(3) if a != axis]
+        direction = np.asarray(affine, dtype=np.float64)[:3, :3]
+        transpose = abs(direction[1, cols]) > abs(direction[1, rows])  # the array's columns run anterior-posterior
+        shown_rows, shown_cols = (cols, rows) if transpose else (rows, cols)
+        return cls(
+            int(shape[rows]),
+            int(shape[cols]),
+            size,
+            transpose=bool(transpose),
+            flip_rows=bool(np.sign(direction[1, shown_rows]) != ROW_TOWARDS),
+            flip_cols=bool(np.sign(direction[0, shown_cols]) != COL_TOWARDS),
+        )
+
+    @property
+    def shown(self) -> tuple[int, int]:
+        """(h, w) of the slice as the model sees it, before resizing."""
+        return (self.width, self.height) if self.transpose else (self.height, self.width)
 
     @property
     def scale(self) -> float:
@@ -116,12 +149,23 @@ class Letterbox:
     @property
     def inner(self) -> tuple[int, int]:
         """(h, w) of the resized slice inside the S x S input (the rest is padding)."""
-        return (max(1, int(self.height * self.scale + 0.5)), max(1, int(self.width * self.scale + 0.5)))
+        h, w = self.shown
+        return (max(1, int(h * self.scale + 0.5)), max(1, int(w * self.scale + 0.5)))
+
+    def _show(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(-1, -2) if self.transpose else x
+        dims = [d for d, flip in ((-2, self.flip_rows), (-1, self.flip_cols)) if flip]
+        return x.flip(dims) if dims else x
+
+    def _unshow(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [d for d, flip in ((-2, self.flip_rows), (-1, self.flip_cols)) if flip]
+        x = x.flip(dims) if dims else x
+        return x.transpose(-1, -2) if self.transpose else x
 
     def image(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, S, S): area-averaged when shrinking, bilinear when enlarging, zero padded."""
         _check_4d(x, "x")
-        x = x if x.is_floating_point() else x.float()
+        x = self._show(x if x.is_floating_point() else x.float())
         h, w = self.inner
         if (h, w) != tuple(x.shape[-2:]):
             shrinking = h <= x.shape[-2] and w <= x.shape[-1]
@@ -132,24 +176,32 @@ class Letterbox:
     def label(self, y: torch.Tensor) -> torch.Tensor:
         """(B, H, W) integer labels -> (B, S, S), nearest neighbour (never a new class id), zero padded."""
         h, w = self.inner
-        resized = resize_label(y, (h, w))
+        resized = resize_label(self._show(y), (h, w))
         return F.pad(resized, (0, self.size - w, 0, self.size - h))
 
     def back(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, K, S, S) probabilities or logits -> (B, K, H, W) on the slice grid (padding cropped away)."""
+        """(B, K, S, S) probabilities or logits -> (B, K, H, W) on the slice's array grid (padding cropped)."""
         _check_4d(maps, "maps")
         h, w = self.inner
-        return _bilinear(maps[..., :h, :w], (self.height, self.width))
+        return self._unshow(_bilinear(maps[..., :h, :w], self.shown))
+
+    def _shown_index(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Array (row, col) indices -> indices on the shown grid."""
+        rows, cols = (cols, rows) if self.transpose else (rows, cols)
+        h, w = self.shown
+        return (h - 1 - rows if self.flip_rows else rows), (w - 1 - cols if self.flip_cols else cols)
 
     def points(self, rows_cols: np.ndarray) -> np.ndarray:
-        """(N, 2) voxel (row, col) indices -> (N, 2) model (x, y) at the voxel centres."""
+        """(N, 2) array (row, col) indices -> (N, 2) model (x, y) at the voxel centres."""
         rows_cols = np.asarray(rows_cols, dtype=np.float32).reshape(-1, 2)
-        return ((rows_cols[:, ::-1] + 0.5) * self.scale).astype(np.float32)
+        r, c = self._shown_index(rows_cols[:, 0], rows_cols[:, 1])
+        return (np.stack([c, r], axis=1) + 0.5).astype(np.float32) * np.float32(self.scale)
 
     def box(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        """Inclusive voxel row/col range -> model box (x0, y0, x1, y1) on the voxels' outer edges."""
+        """Inclusive array row/col range -> model box (x0, y0, x1, y1) on the voxels' outer edges."""
+        r, c = self._shown_index(np.array([r0, r1], np.float32), np.array([c0, c1], np.float32))
         s = self.scale
-        return np.array([c0 * s, r0 * s, (c1 + 1) * s, (r1 + 1) * s], dtype=np.float32)
+        return np.array([c.min() * s, r.min() * s, (c.max() + 1) * s, (r.max() + 1) * s], dtype=np.float32)
 
 
 def _bilinear(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

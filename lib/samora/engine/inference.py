@@ -31,10 +31,15 @@ def normalised_volume(volume: Volume, window: IntensityWindow | None = None) -> 
 
 
 @torch.no_grad()
-def predict_slices(model: SamoraModel, stack: np.ndarray | torch.Tensor, device: str | torch.device = "cpu"):
+def predict_slices(
+    model: SamoraModel,
+    stack: np.ndarray | torch.Tensor,
+    device: str | torch.device = "cpu",
+    letterbox: Letterbox | None = None,
+):
     """(b, 3, H, W) slices in [0, 1] -> (b, K, H, W) class probabilities at the slices' own size."""
     x = torch.as_tensor(stack, dtype=torch.float32, device=device)
-    letterbox = Letterbox(x.shape[-2], x.shape[-1], model.config.image_size)
+    letterbox = letterbox or Letterbox(x.shape[-2], x.shape[-1], model.config.image_size)
     probs = model.probabilities(model(letterbox.image(x)))
     return letterbox.back(probs).clamp_(0, 1)
 
@@ -59,9 +64,10 @@ def segment_volume(
     probabilities = np.zeros((k, *volume.shape), dtype=np.float16) if return_probabilities else None
     entropy_sum, body_voxels = 0.0, 0
     depth = volume.shape[axis]
+    letterbox = Letterbox.for_volume(volume.affine, volume.shape, axis, model.config.image_size)
     done = 0
     for indices, stack in iter_slice_batches(scaled, axis, batch_size, model.config.context):
-        probs = predict_slices(model, stack, device).cpu()
+        probs = predict_slices(model, stack, device, letterbox).cpu()
         body = torch.as_tensor(stack[:, 1] > BODY_THRESHOLD)
         entropy = -(probs * probs.clamp_min(1e-8).log()).sum(1)
         entropy_sum += float(entropy[body].sum())

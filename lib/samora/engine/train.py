@@ -83,8 +83,10 @@ def slices_from_arrays(
     empty_fraction: float = 0.1,
     rng: np.random.Generator | None = None,
     indices: Sequence[int] | None = None,
+    affine: np.ndarray | None = None,
 ) -> LabeledSlices:
-    """Labelled slices (and a share of empty body slices) of one volume, resized for the model."""
+    """Labelled slices (and a share of empty body slices) of one volume, letterboxed for the model (oriented by
+    the volume's voxel-to-RAS `affine`; identity when not given)."""
     rng = rng or np.random.default_rng(0)
     depth = volume01.shape[axis]
     candidates = list(range(depth)) if indices is None else list(indices)
@@ -98,7 +100,7 @@ def slices_from_arrays(
         return LabeledSlices(np.zeros((0, 3, size, size), np.float16), np.zeros((0, size, size), np.uint8), [])
     images = torch.as_tensor(np.stack([slice_stack(volume01, axis, i, context) for i in chosen]))
     masks = torch.as_tensor(np.stack([np.take(labels, i, axis=axis) for i in chosen]).astype(np.int64))
-    letterbox = Letterbox(images.shape[-2], images.shape[-1], size)
+    letterbox = Letterbox.for_volume(np.eye(4) if affine is None else affine, volume01.shape, axis, size)
     return LabeledSlices(
         letterbox.image(images).clamp(0, 1).numpy().astype(np.float16),
         letterbox.label(masks).numpy().astype(np.uint8),
@@ -124,7 +126,11 @@ def load_labeled_cases(
         if label_map is not None:
             labels = label_map(labels, case_id)
         scaled = normalise(volume.array, window or IntensityWindow.default_for(volume.modality))
-        parts.append(slices_from_arrays(scaled, labels, volume.axial_axis, size, context, case_id, empty_fraction, rng))
+        parts.append(
+            slices_from_arrays(
+                scaled, labels, volume.axial_axis, size, context, case_id, empty_fraction, rng, affine=volume.affine
+            )
+        )
     return concat_slices(parts, size)
 
 

@@ -119,15 +119,19 @@ def _in_plane(axis: int) -> tuple[int, int]:
     return rows, cols
 
 
-def slice_letterbox(shape: tuple[int, int, int], axis: int, size: int) -> Letterbox:
-    """The letterbox of the volume's slices along `axis` onto the model's size x size input."""
-    rows, cols = _in_plane(axis)
-    return Letterbox(shape[rows], shape[cols], size)
+def slice_letterbox(
+    shape: tuple[int, int, int], axis: int, size: int, affine: np.ndarray | None = None
+) -> Letterbox:
+    """The letterbox of the volume's slices along `axis` onto the model's size x size input (oriented by the
+    voxel-to-RAS `affine`, identity when not given) - the same one its embeddings were computed with."""
+    return Letterbox.for_volume(np.eye(4) if affine is None else affine, shape, axis, size)
 
 
-def slice_prompts(prompt: Prompt, axis: int, shape: tuple[int, int, int], size: int) -> dict[int, SlicePrompt]:
+def slice_prompts(
+    prompt: Prompt, axis: int, shape: tuple[int, int, int], size: int, affine: np.ndarray | None = None
+) -> dict[int, SlicePrompt]:
     """Group clicks by slice along `axis` and map voxels to model pixels through the slice letterbox."""
-    letterbox = slice_letterbox(shape, axis, size)
+    letterbox = slice_letterbox(shape, axis, size, affine)
     rows, cols = _in_plane(axis)
     by_slice: dict[int, list[tuple[int, int, int]]] = {}
     for flag, pts in ((1, prompt.foreground), (0, prompt.background)):
@@ -213,9 +217,9 @@ def refine(
     volume, _ = runtime.volume(path)
     check_inside(prompt, volume.shape)
     axis = volume.axial_axis
-    letterbox = slice_letterbox(volume.shape, axis, model.config.image_size)
+    letterbox = slice_letterbox(volume.shape, axis, model.config.image_size, volume.affine)
     out = np.zeros(volume.shape, dtype=np.uint8)
-    seeds = slice_prompts(prompt, axis, volume.shape, model.config.image_size)
+    seeds = slice_prompts(prompt, axis, volume.shape, model.config.image_size, volume.affine)
     z_lo, z_hi, within = _propagation_limits(prompt, axis, volume.shape[axis], letterbox)
     done: set[int] = set()
 

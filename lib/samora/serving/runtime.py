@@ -99,7 +99,7 @@ class ModelRuntime:
                 self._embeddings.move_to_end(key)
                 return hit
         stack = torch.as_tensor(slice_stack(scaled, volume.axial_axis, index, model.config.context))[None]
-        letterbox = Letterbox(stack.shape[-2], stack.shape[-1], model.config.image_size)
+        letterbox = Letterbox.for_volume(volume.affine, volume.shape, volume.axial_axis, model.config.image_size)
         embedding = model.encode(letterbox.image(stack).to(self.settings.device))
         with self._lock:
             self.encoder_calls += 1

@@ -368,12 +368,14 @@ class MaskedImageObjective(SSLObjective):
 
 
 class MaskedPixelObjective(MaskedImageObjective):
-    """Patch level for encoders without ViT patch tokens (SAM2 Hiera): SimMIM-style masking in pixel space.
+    """Patch level for encoders without ViT patch tokens (SAM2 Hiera, LiteMedSAM's TinyViT): SimMIM-style masking
+    in pixel space.
 
-    Hiera pools tokens between stages, so masking cannot happen at the token level as in MAE. Instead the masked
-    16x16 patches of the input are replaced by a learned per-channel fill (starting at 0), the whole adapted
-    encoder runs, and the same PatchDecoder predicts each masked patch's normalised pixels from the stride-16 neck
-    embedding, whose grid is the mask grid. `width` is the embedding's channel count.
+    These encoders pool or convolve tokens between stages, so masking cannot happen at the token level as in MAE.
+    Instead the masked 16x16 patches of the input are replaced by a learned per-channel fill (starting at 0), the
+    whole adapted encoder runs, and the same PatchDecoder predicts each masked patch's normalised pixels from the
+    embedding on the mask grid (a finer embedding, such as LiteMedSAM's stride 4, is average-pooled onto it).
+    `width` is the embedding's channel count.
     """
 
     def _mask_fill(self, width: int, channels: int) -> nn.Parameter:
@@ -388,7 +390,10 @@ class MaskedPixelObjective(MaskedImageObjective):
         mask = random_token_mask(b, h // p, w // p, self.mask_ratio, generator).to(images.device)
         pixels = mask.repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)[:, None]
         masked = torch.where(pixels, self.mask_token.to(images.dtype), images)
-        features = model.encode(masked).permute(0, 2, 3, 1)
+        features = model.encode(masked)
+        if features.shape[-1] > mask.shape[-1] and features.shape[-1] % mask.shape[-1] == 0:
+            features = F.avg_pool2d(features, features.shape[-1] // mask.shape[-1])
+        features = features.permute(0, 2, 3, 1)
         if features.shape[1:3] != mask.shape[1:]:
             raise ValueError(f"embedding grid {tuple(features.shape[1:3])} is not the {p}-pixel mask grid")
         return self._masked_loss(features, images, mask)
@@ -472,14 +477,17 @@ def build_objective(level: str, model: nn.Module, teacher: nn.Module | None = No
         return ContrastiveObjective(neck_channels, config.image_size, teacher=teacher, **options)
     if teacher is not None:
         raise ValueError(f"a distillation teacher is only supported for the image level, not {level!r}")
-    if level == "patch" and model.backbone.family == "sam2":
+    if level == "patch" and model.backbone.family in ("sam2", "litemedsam"):
         return MaskedPixelObjective(neck_channels, patch_size=16, channels=channels, **options)
     if level == "patch":
         width = encoder.patch_embed.proj.out_channels
         patch = encoder.patch_embed.proj.kernel_size[0]
         return MaskedImageObjective(width, patch_size=patch, channels=channels, **options)
     if level == "pixel":
-        return DenoisingObjective(neck_channels, config.image_size, channels=channels, **options)
+        stride = model.backbone.embedding_stride
+        return DenoisingObjective(
+            neck_channels, config.image_size, channels=channels, embedding_stride=stride, **options
+        )
     raise ValueError(f"unknown SSL level {level!r}; choose one of {tuple(OBJECTIVES)}")
 
 

@@ -60,15 +60,16 @@ class SamoraSegmentation(InferTask):
             return self._run(request)
 
     def _run(self, request) -> tuple[str, dict]:
+        start = time.perf_counter()
+        # the request is validated first: bad input is a 4xx of its own, whatever the model's state
+        batch = positive_int_param(request, "batch_size", self.runtime.settings.infer_batch_size)
+        volume, _ = self.runtime.volume(request["image"])
         reason = self.untrained_reason()
         if reason:
             raise HTTPException(status_code=409, detail=f"infer samora: {reason}")
-        start = time.perf_counter()
+        read = time.perf_counter()
         version, model = self.runtime.model()
         loaded = time.perf_counter()
-        volume, _ = self.runtime.volume(request["image"])
-        read = time.perf_counter()
-        batch = positive_int_param(request, "batch_size", self.runtime.settings.infer_batch_size)
         result = segment_volume(model, volume, batch_size=batch, device=self.runtime.settings.device)
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         save_label(result.labels, volume.affine, out)
@@ -79,10 +80,10 @@ class SamoraSegmentation(InferTask):
             "model_version": version,
             "mean_entropy": result.mean_entropy,
             "latencies": {
-                "model_load": round(loaded - start, 4),
-                "pre": round(read - loaded, 4),
+                "pre": round(read - start, 4),
+                "model_load": round(loaded - read, 4),
                 "infer": round(result.timings["segment_s"], 4),
-                "write": round(done - read - result.timings["segment_s"], 4),
+                "write": round(done - loaded - result.timings["segment_s"], 4),
                 "total": round(done - start, 4),
             },
         }
