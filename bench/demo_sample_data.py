@@ -35,7 +35,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 APP_DIR = ROOT / "apps" / "samora"
 TARGET_DICE = 0.7
-TRAINERS = ("samora_ssl", "samora")  # the order the app's bootstrap queues them
+# The app queues the first fine-tuning before the SSL bootstrap; the demo needs the first model version only
+# (the bootstrap through a real encoder runs on afterwards and is reported as far as it got).
+TRAINERS = ("samora",)
+FIRST_VERSION_TARGET_S = 600  # from the server's launch to the first published model version
 
 
 class DemoError(RuntimeError):
@@ -69,6 +72,7 @@ class Server:
         from monailabel.client import MONAILabelClient
         from monailabel.client.client import MONAILabelClientException
 
+        self.launched = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.cmd,
@@ -121,7 +125,7 @@ class Server:
 
 
 def _wait_for_trainers(server: Server, budget: float, log) -> dict[str, dict]:
-    """Poll /train/?all=true until the bootstrap's samora_ssl and samora tasks have both finished."""
+    """Poll /train/?all=true until the trainers in TRAINERS (queued by the app at start) have finished."""
     start = time.monotonic()
     deadline = start + budget
     finished: dict[str, dict] = {}
@@ -251,12 +255,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t_up = phase("server_start", t)
         record["server_info"] = {"version": server.info.get("version"), "trainers": list(server.info["trainers"])}
 
-        log("waiting for the bootstrap: samora_ssl, then samora fine-tuning (queued by the app at start)")
+        log("waiting for the first model version (samora fine-tuning, queued by the app at start)")
         budget = args.budget - (time.monotonic() - t0) - 60
         tasks = _wait_for_trainers(server, budget, log)
-        ssl_done = tasks["samora_ssl"]["observed_done"]
-        phases["ssl_bootstrap"] = round(ssl_done - t_up, 1)
-        phases["finetune"] = round(tasks["samora"]["observed_done"] - ssl_done, 1)
+        phases["finetune"] = round(tasks["samora"]["observed_done"] - t_up, 1)
+        record["first_version_s"] = round(tasks["samora"]["observed_done"] - server.launched, 1)
+        record["first_version_target_s"] = FIRST_VERSION_TARGET_S
+        log(f"first model version {record['first_version_s']:.0f}s after the server's launch")
         stats = server.client.info()["train_stats"]
         record["train_stats"] = stats
         t = time.monotonic()
