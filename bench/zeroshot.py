@@ -13,9 +13,11 @@ label id present in each scan's label.nii.gz is one organ, run through three pro
 
 Dice and HD95 (mm, with the voxel spacing) are whole-organ 3D scores against the organ's full truth
 (samora.metrics.class_metrics). Seconds are decoding only: each axial slice is encoded once (the runtime caches
-embeddings) and that encoding is timed and reported separately. For (b) and (c) the report gives the z range the
-propagation covered against the organ's true z-extent, and why it stopped at each end (re-checked with the same
-rules refine() applies: volume/roi end, mask vanished, jumped away, or stability below the app's threshold).
+embeddings) and that encoding is timed and reported separately; one untimed decode warms the decoder up first.
+--embedding-cache DIR also keeps the embeddings on disk for reruns (encode seconds are then those measured when each
+slice was first encoded). For (b) and (c) the report gives the z range the propagation covered against the organ's
+true z-extent, and why it stopped at each end (re-checked with the same rules refine() applies: volume/roi end,
+mask vanished, jumped away, or stability below the app's threshold).
 --sweep T1 T2 ... reruns (b) and (c) on the CT target organs at other stability thresholds, as a diagnostic.
 
     python bench/zeroshot.py [--quick] [--out docs] [--threads 2] [--sweep 0 0.5 0.6]
@@ -24,6 +26,7 @@ rules refine() applies: volume/roi end, mask vanished, jumped away, or stability
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from common import (
     DATA,
     PSEUDO_LABEL_NOTE,
@@ -47,6 +51,7 @@ from common import (
     write_json,
 )
 
+import samora
 from samora.data.intensity import set_ct_window
 from samora.data.volumes import load_label
 from samora.metrics import class_metrics
@@ -142,26 +147,74 @@ def roi_3d(mask: np.ndarray) -> tuple[int, ...]:
 
 
 class EncodeClock:
-    """Wraps runtime.slice_embedding to time the slice encodings (cache misses), so decoding time can exclude them."""
+    """Wraps runtime.slice_embedding to time the slice encodings, so decoding time can exclude them; optionally
+    keeps the embeddings on disk (--embedding-cache) so that a rerun does not encode again."""
 
-    def __init__(self, runtime: ModelRuntime) -> None:
-        self.runtime, self.seconds, self.slices = runtime, 0.0, 0
+    def __init__(self, runtime: ModelRuntime, cache_dir: Path | None = None) -> None:
+        self.runtime, self.cache_dir = runtime, cache_dir
+        self.spent = 0.0  # wall seconds spent encoding or reading embeddings back (excluded from decoding)
+        self.seconds, self.slices, self.from_disk = 0.0, 0, 0  # encodings: seconds (as measured), count, read back
         self._inner = runtime.slice_embedding
+        self._loaded: dict[Path, torch.Tensor] = {}
+        self._tag = model_fingerprint(runtime) if cache_dir is not None else ""
         runtime.slice_embedding = self._timed  # type: ignore[method-assign]
 
-    def _timed(self, path: str, index: int):
-        calls, start = self.runtime.encoder_calls, time.perf_counter()
-        embedding = self._inner(path, index)
-        if self.runtime.encoder_calls > calls:
-            self.seconds += time.perf_counter() - start
-            self.slices += self.runtime.encoder_calls - calls
+    def _file(self, path: str, index: int) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        stat = Path(path).stat()
+        key = hashlib.sha1(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self._tag}".encode())
+        return self.cache_dir / key.hexdigest()[:16] / f"slice{index:04d}.pt"
+
+    def _timed(self, path: str, index: int) -> torch.Tensor:
+        file = self._file(path, index)
+        if file is not None and file in self._loaded:
+            return self._loaded[file]
+        start, calls = time.perf_counter(), self.runtime.encoder_calls
+        if file is not None and file.exists():
+            saved = torch.load(file)
+            embedding = saved["embedding"].to(self.runtime.settings.device)
+            self.from_disk += 1
+            self._count(saved["seconds"])
+        else:
+            embedding = self._inner(path, index)
+            if self.runtime.encoder_calls == calls:
+                return embedding  # the runtime's own cache
+            self._count(time.perf_counter() - start)
+            if file is not None:
+                save_embedding(file, embedding, time.perf_counter() - start)
+        if file is not None:
+            self._loaded[file] = embedding
+        self.spent += time.perf_counter() - start
         return embedding
+
+    def _count(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.slices += 1
 
     def decoding(self, fn):
         """fn()'s result and its wall seconds less any encoding done inside it."""
-        start, encoded = time.perf_counter(), self.seconds
+        start, spent = time.perf_counter(), self.spent
         result = fn()
-        return result, time.perf_counter() - start - (self.seconds - encoded)
+        return result, time.perf_counter() - start - (self.spent - spent)
+
+
+def model_fingerprint(runtime: ModelRuntime) -> str:
+    """Identity of what an embedding depends on: settings, library version and the image encoder's weights."""
+    s = runtime.settings
+    digest = hashlib.sha1(f"{s.preset}|{s.image_size}|{s.context}|{s.ct_window}|{samora.__version__}".encode())
+    for name, tensor in sorted(runtime.model()[1].backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_embedding(file: Path, embedding: torch.Tensor, seconds: float) -> None:
+    """Write one embedding with the seconds its encoding took (atomically)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    torch.save({"embedding": embedding.detach().cpu(), "seconds": seconds}, tmp)
+    os.replace(tmp, file)
 
 
 # ----- one scan ---------------------------------------------------------------------------------------------------
@@ -213,12 +266,12 @@ def open_scan(runtime: ModelRuntime, clock: EncodeClock, folder: Path, min_stabi
 
 def encode_slices(scan: Scan, slices: list[int]) -> dict[str, float]:
     """Encode `slices` once (filling the embedding cache); returns seconds per slice."""
-    seconds, count = scan.clock.seconds, scan.clock.slices
+    seconds, count, disk = scan.clock.seconds, scan.clock.slices, scan.clock.from_disk
     for k in slices:
         scan.runtime.slice_embedding(scan.path, k)
-    n = scan.clock.slices - count
-    spent = scan.clock.seconds - seconds
-    return {"slices": n, "seconds": spent, "seconds_per_slice": spent / n if n else float("nan")}
+    n, spent = scan.clock.slices - count, scan.clock.seconds - seconds
+    per_slice = spent / n if n else float("nan")
+    return {"slices": n, "seconds": spent, "seconds_per_slice": per_slice, "read_back": scan.clock.from_disk - disk}
 
 
 # ----- protocols --------------------------------------------------------------------------------------------------
@@ -325,6 +378,11 @@ def stability_sweep(scan: Scan, organs: list[tuple[int, str]], thresholds: list[
     return out
 
 
+def warm_up(scan: Scan, k: int) -> None:
+    """One untimed decode (first-call allocations) so the first organ's decoding seconds are not inflated."""
+    scan.logits(k, SlicePrompt(np.zeros((0, 2), np.float32), np.zeros(0, np.float32), scan.letterbox.box(0, 9, 0, 9)))
+
+
 def organ_ids(scan: Scan, names: dict[int, str], quick: bool) -> list[tuple[int, str]]:
     """(id, name) of each label present in the truth (in --quick only the QUICK_ORGANS)."""
     present = [int(v) for v in np.unique(scan.truth) if v > 0]
@@ -341,6 +399,7 @@ def run_scan(runtime: ModelRuntime, clock: EncodeClock, folder: Path, args, min_
     slices = list(range(needed[0], needed[-1] + 1)) if quick else list(range(scan.shape[scan.axis]))
     encode = encode_slices(scan, slices)
     log(f"{scan.name}: encoded {encode['slices']} slices, {encode['seconds_per_slice']:.2f} s/slice")
+    warm_up(scan, slices[0])
     before = clock.slices
     results = {}
     for organ_id, name in organs:
@@ -462,9 +521,8 @@ def markdown(record: dict) -> str:
     for name, scan in record["scans"].items():
         enc = scan["encode"]
         shape = "×".join(map(str, scan["shape"]))
-        title = (
-            f"### {name} ({shape}, axial axis {scan['axial_axis']}; encoding {enc['seconds_per_slice']:.2f} s/slice)"
-        )
+        title = f"### {name} ({shape}, axial axis {scan['axial_axis']}; encoding {enc['seconds_per_slice']:.2f} s/slice"
+        title += f", {enc['read_back']} of them read back from --embedding-cache)" if enc.get("read_back") else ")"
         out += [title, "", quality_table(scan["organs"]), "", propagation_table(scan["organs"]), ""]
         if scan.get("stability_sweep"):
             out += [sweep_table(scan, record["settings"]["propagation_stability"]), ""]
@@ -484,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=str(DATA), help="shared data folder (default: $SAMORA_SHARED_DATA)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument(
+        "--embedding-cache",
+        default=None,
+        help="keep slice embeddings in this folder and reuse them on reruns (keyed by image, settings, library "
+        "version and encoder weights; delete it after changing the encoder or preprocessing code)",
+    )
+    parser.add_argument(
         "--sweep",
         type=float,
         nargs="*",
@@ -502,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="samora-zeroshot-") as model_dir:
         runtime = ModelRuntime(settings, model_dir=model_dir)
         runtime.model()
-        clock = EncodeClock(runtime)
+        cache = Path(args.embedding_cache) if args.embedding_cache else None
+        clock = EncodeClock(runtime, cache)
         scans = SCANS[:1] if args.quick else SCANS
         results = {
             name: run_scan(runtime, clock, Path(args.data) / name, args, settings.propagation_stability)

@@ -245,13 +245,16 @@ def _optimizer(model: SamoraModel, config: FinetuneConfig) -> torch.optim.Optimi
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
 
 
-def _embed_for_training(model: SamoraModel, data: LabeledSlices | None, config: FinetuneConfig, root: str):
+def _embed_for_training(
+    model: SamoraModel, data: LabeledSlices | None, config: FinetuneConfig, root: str, on_progress=None
+):
     """Cached-mode embeddings of `data` (None when there is no such set)."""
     if data is None or not len(data):
         return None
     from samora.engine.embeddings import EmbeddingStore
 
-    return EmbeddingStore(root, model).embed(model, data.images, batch_size=4, device=config.device)
+    store = EmbeddingStore(root, model)
+    return store.embed(model, data.images, batch_size=4, device=config.device, on_progress=on_progress)
 
 
 class _Batches:
@@ -282,8 +285,11 @@ def finetune(
     val: LabeledSlices | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_encode: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Train the stage-2 parameters; keep the weights of the best validation epoch. Returns the history."""
+    """Train the stage-2 parameters; keep the weights of the best validation epoch. Returns the history.
+
+    `on_encode(done, total)` reports the cached mode's one-off encoding of slices not encoded before."""
     if len(train) == 0:
         raise ValueError("no labelled slices to train on: every label volume is empty")
     device = torch.device(config.device)
@@ -293,8 +299,8 @@ def finetune(
     model.set_stage("finetune-heads" if cached else "finetune")
     with tempfile.TemporaryDirectory(prefix="samora-embeddings-") as scratch:
         root = config.embedding_dir or scratch
-        train_emb = _embed_for_training(model, train, config, root) if cached else None
-        val_emb = _embed_for_training(model, val, config, root) if cached else None
+        train_emb = _embed_for_training(model, train, config, root, on_encode) if cached else None
+        val_emb = _embed_for_training(model, val, config, root, on_encode) if cached else None
     encode_s = time.perf_counter() - start
     params = model.trainable_parameters()
     optimizer = _optimizer(model, config)

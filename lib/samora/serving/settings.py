@@ -12,6 +12,10 @@ from samora.data.intensity import IntensityWindow
 from samora.serving.interactive import MIN_PROPAGATION_STABILITY
 
 
+FULL_EPOCHS = 40
+CACHED_EPOCHS = 6
+
+
 class SettingsError(ValueError):
     """A --conf value is invalid; the message names the key."""
 
@@ -65,8 +69,10 @@ class AppSettings:
     bootstrap: str = "auto"  # auto | off
     model_dir: str | None = None
     # 40, not the paper's 20-30: the CPU demo's random-initialised tiny backbone on 3 labelled phantoms measured mean
-    # Dice 0.63 on the unlabelled ones after 20 epochs and 0.75 after 40 (bench/demo_sample_data.py, 2 CPU cores)
-    epochs: int = 40
+    # Dice 0.63 on the unlabelled ones after 20 epochs and 0.75 after 40 (bench/demo_sample_data.py, 2 CPU cores).
+    # 0 = by training mode: 40 for "full"; CACHED_EPOCHS for "cached", where a step on a real backbone's 64 x 64
+    # embedding costs seconds on a CPU and the first version must come within minutes
+    epochs: int = 0
     batch_size: int = 8
     lr: float = 3e-3
     ssl_steps: int = 150  # per expert, for the bootstrap
@@ -97,6 +103,12 @@ class AppSettings:
     def pretrained(self) -> bool:
         """Whether the backbone has real weights (a checkpoint file, or weights shipped with its package)."""
         return self.checkpoint is not None or getattr(PRESETS.get(self.preset), "family", "") == "litemedsam"
+
+    def resolved_epochs(self) -> int:
+        """Stage-2 epochs: the conf value, or the training mode's default."""
+        if self.epochs:
+            return self.epochs
+        return CACHED_EPOCHS if self.resolved_train_mode() == "cached" else FULL_EPOCHS
 
     def resolved_train_mode(self) -> str:
         """The stage-2 mode this device gets ("full" or "cached")."""
@@ -153,6 +165,8 @@ class AppSettings:
             raise SettingsError(f"conf propagation_stability: {self.propagation_stability} must lie in [0, 1]")
         if self.max_voxels < 0:
             raise SettingsError("conf max_voxels: must be >= 0 (0 = no limit)")
+        if self.epochs < 0:
+            raise SettingsError("conf epochs: must be >= 0 (0 = the training mode's default)")
         if self.train_every < 0:
             raise SettingsError("conf train_every: must be >= 0 (0 disables automatic training)")
         if self.train_mode not in ("auto", "full", "cached"):

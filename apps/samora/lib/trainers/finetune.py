@@ -44,7 +44,7 @@ class SamoraFinetuneTrainer(TrainTask):
 
     def config(self) -> dict:
         s = self.runtime.settings
-        return {"epochs": s.epochs, "batch_size": s.batch_size, "lr": s.lr, "prompt_training": True}
+        return {"epochs": s.resolved_epochs(), "batch_size": s.batch_size, "lr": s.lr, "prompt_training": True}
 
     def stats(self) -> dict:
         return self.stats_file.read()
@@ -110,6 +110,21 @@ class SamoraFinetuneTrainer(TrainTask):
                 }
             )
 
+        def on_encode(done: int, total: int) -> None:
+            self.stats_file.write(
+                {
+                    "status": "RUNNING",
+                    "epoch": 0,
+                    "total_epochs": params["epochs"],
+                    "best_metric": 0,
+                    "stage": f"encoding slices {done}/{total} (once; then cached on disk)",
+                    "total_time": _hms(time.time() - start),
+                    "start_ts": start,
+                    "base_version": version,
+                }
+            )
+            log.info("encoded %d/%d training slices", done, total)
+
         result = finetune(
             model,
             train,
@@ -124,6 +139,7 @@ class SamoraFinetuneTrainer(TrainTask):
             ),
             val=val,
             on_epoch=on_epoch,
+            on_encode=on_encode,
         )
         data_hash = hashlib.sha256("".join(f"{c}:{i}:{lab}" for c, i, lab in cases).encode()).hexdigest()
         new_version = self.runtime.store.publish(
