@@ -11,7 +11,6 @@ from samora.config import DEFAULT_LABELS, ModelConfig
 from samora.data.intensity import IntensityWindow
 from samora.serving.interactive import MIN_PROPAGATION_STABILITY
 
-
 FULL_EPOCHS = 40
 CACHED_EPOCHS = 6
 
