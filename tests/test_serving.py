@@ -44,11 +44,27 @@ def test_settings_from_string_conf():
         ({"preset": "vit_z"}, "preset"),
         ({"labels": '{"a": 1, "b": 1}'}, "labels"),
         ({"propagation_stability": "1.5"}, "propagation_stability"),
+        ({"train_mode": "fast"}, "train_mode"),
+        ({"ct_window": "40"}, "ct_window"),
+        ({"epochs": "-1"}, "epochs"),
+        ({"image_size": "512"}, "image_size"),  # litemedsam takes 256 only
     ],
 )
 def test_bad_conf_names_the_key(conf, key):
     with pytest.raises(SettingsError, match=key):
         AppSettings.from_conf(conf)
+
+
+def test_defaults_serve_litemedsam_with_a_training_mode_per_device():
+    s = AppSettings.from_conf({})
+    assert s.preset == "litemedsam" and s.image_size == 256 and s.pretrained
+    assert s.model_config().finetune_experts is False  # real weights: the experts come from SSL, not stage 2
+    assert s.resolved_train_mode() == "cached" and s.resolved_epochs() == 6
+    gpu = AppSettings.from_conf({"device": "cuda"})
+    assert gpu.resolved_train_mode() == "full" and gpu.resolved_epochs() == 40
+    assert AppSettings.from_conf({"train_mode": "full", "epochs": "3"}).resolved_epochs() == 3
+    assert AppSettings.from_conf({"ct_window": "50,350"}).window().low == -125.0
+    assert AppSettings.from_conf({"preset": "tiny"}).image_size == 128
 
 
 def test_remap_by_name_follows_viewer_order():
