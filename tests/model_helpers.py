@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from samora.adapters.experts import expert_parameters
@@ -28,3 +29,19 @@ def make_everything_non_trivial(model: SamoraModel) -> SamoraModel:
         for site in model.backbone.attention_sites():
             torch.nn.init.normal_(site.fusion.up.weight, std=0.05)
     return model.eval()
+
+
+class MemoryCache:
+    """The part of SliceCache the stage-1 loop uses, held in memory."""
+
+    data_hash = "synthetic"
+    study_ids = ["synthetic"]
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.images[i]

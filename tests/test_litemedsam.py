@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from model_helpers import perturb_expert
+from model_helpers import MemoryCache, perturb_expert
 
 import samora.backbones.litemedsam as litemedsam
 from samora.adapters.attention import AdaptedAttention
@@ -116,22 +116,6 @@ def test_image_size_is_fixed_at_256():
     assert PRESETS["litemedsam"].native_size == 256
     with pytest.raises(ConfigError, match="must be 256"):
         ModelConfig(preset="litemedsam", image_size=512)
-
-
-class MemoryCache:
-    """The part of SliceCache the stage-1 loop uses, held in memory."""
-
-    data_hash = "synthetic"
-    study_ids = ["synthetic"]
-
-    def __init__(self, images: np.ndarray) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.images[i]
 
 
 @pytest.mark.parametrize("level", EXPERTS)

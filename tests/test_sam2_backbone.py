@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_helpers import make_everything_non_trivial, perturb_expert
+from model_helpers import MemoryCache, make_everything_non_trivial, perturb_expert
 
 from samora.adapters.experts import expert_parameters
 from samora.backbones import PRESETS, CheckpointError, Sam2HieraBackbone, build_backbone
@@ -44,22 +44,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class MemoryCache:
-    """The part of SliceCache the stage-1 loop uses, held in memory."""
-
-    data_hash = "synthetic"
-    study_ids = ["synthetic"]
-
-    def __init__(self, images: np.ndarray) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.images[i]
 
 
 # ----- backbone ---------------------------------------------------------------------------------------------------

@@ -63,6 +63,19 @@ def verify_checksum(path: Path, preset: BackbonePreset | HieraPreset) -> None:
         )
 
 
+def load_parts(state: dict[str, torch.Tensor], parts: dict[str, torch.nn.Module]) -> tuple[list[str], list[str]]:
+    """Load each `prefix.`-keyed part of an official-layout state dict into its module; returns (missing,
+    unexpected) keys with their prefixes (keys under no known prefix are unexpected)."""
+    missing, unexpected = [], []
+    for prefix, module in parts.items():
+        part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        result = module.load_state_dict(part, strict=False)
+        missing += [f"{prefix}.{k}" for k in result.missing_keys]
+        unexpected += [f"{prefix}.{k}" for k in result.unexpected_keys]
+    unexpected += [k for k in state if k.split(".")[0] not in parts]
+    return missing, unexpected
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a SAM state dict without unpickling arbitrary objects."""
     state = torch.load(path, map_location="cpu", weights_only=True)

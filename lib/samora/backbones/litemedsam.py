@@ -15,7 +15,7 @@ from torch import nn
 
 from samora.adapters.attention import AdaptedAttention, SplitQKV
 from samora.backbones.base import AttentionCore, Backbone, BackboneOutput
-from samora.backbones.checkpoints import CheckpointError
+from samora.backbones.checkpoints import CheckpointError, load_parts
 from samora.backbones.presets import LiteMedSamPreset
 from samora.config import EXPERTS
 from samora.io_utils import sha256_file
@@ -127,14 +127,7 @@ class LiteMedSamBackbone(Backbone):
         if self._wrapped:
             raise RuntimeError("load the LiteMedSAM weights before wrapping attention for experts")
         own = {"image_encoder": self.encoder, "prompt_encoder": self.prompt_encoder, "mask_decoder": self.mask_decoder}
-        missing, unexpected = [], []
-        for prefix, module in own.items():
-            part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-            result = module.load_state_dict(part, strict=False)
-            missing += [f"{prefix}.{k}" for k in result.missing_keys]
-            unexpected += [f"{prefix}.{k}" for k in result.unexpected_keys]
-        unexpected += [k for k in state if k.split(".")[0] not in own]
-        return missing, unexpected
+        return load_parts(state, own)
 
     def wrap_attention(self, experts: tuple[str, ...] = EXPERTS) -> None:
         """Replace every TinyViT block's attention by an AdaptedAttention (idempotent)."""

@@ -13,7 +13,13 @@ from torch import nn
 
 from samora.adapters.attention import AdaptedAttention, SplitQKV
 from samora.backbones.base import AttentionCore, Backbone, BackboneOutput
-from samora.backbones.checkpoints import read_state_dict, resize_for_image_size, resolve_checkpoint, verify_checksum
+from samora.backbones.checkpoints import (
+    load_parts,
+    read_state_dict,
+    resize_for_image_size,
+    resolve_checkpoint,
+    verify_checksum,
+)
 from samora.backbones.presets import BackbonePreset
 from samora.backbones.sam_decoders import build_mask_decoder, build_prompt_encoder
 from samora.config import EXPERTS
@@ -85,19 +91,8 @@ class SamViTBackbone(Backbone):
         if self._wrapped:
             raise RuntimeError("load the SAM checkpoint before wrapping attention for experts")
         state = resize_for_image_size(state, self.preset, self.image_size)
-        own = {
-            "image_encoder": self.encoder,
-            "prompt_encoder": self.prompt_encoder,
-            "mask_decoder": self.mask_decoder,
-        }
-        missing, unexpected = [], []
-        for prefix, module in own.items():
-            part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-            result = module.load_state_dict(part, strict=False)
-            missing += [f"{prefix}.{k}" for k in result.missing_keys]
-            unexpected += [f"{prefix}.{k}" for k in result.unexpected_keys]
-        unexpected += [k for k in state if k.split(".")[0] not in own]
-        return missing, unexpected
+        own = {"image_encoder": self.encoder, "prompt_encoder": self.prompt_encoder, "mask_decoder": self.mask_decoder}
+        return load_parts(state, own)
 
     def wrap_attention(self, experts: tuple[str, ...] = EXPERTS) -> None:
         """Replace each block's attention by an AdaptedAttention (idempotent)."""
