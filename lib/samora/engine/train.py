@@ -48,6 +48,9 @@ class FinetuneConfig:
     # learning rate of a PRETRAINED prompt path relative to `lr`: it already answers boxes well, and the new heads'
     # rate would overwrite that on a few labels (LiteMedSAM's own fine-tuning uses 1e-5)
     prompt_lr_scale: float = 0.01
+    # torch threads for the cached mode's one-off encoding (None: unchanged): the encoder dominates a first training
+    # on a CPU, and nothing else heavy runs then, so the app gives it every core
+    encode_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -254,7 +257,12 @@ def _embed_for_training(
     from samora.engine.embeddings import EmbeddingStore
 
     store = EmbeddingStore(root, model)
-    return store.embed(model, data.images, batch_size=4, device=config.device, on_progress=on_progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.encode_threads or threads)
+    try:
+        return store.embed(model, data.images, batch_size=4, device=config.device, on_progress=on_progress)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Batches:

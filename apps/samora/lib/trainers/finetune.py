@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 import time
 
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
@@ -136,6 +137,7 @@ class SamoraFinetuneTrainer(TrainTask):
                 device=self.runtime.settings.device,
                 mode=self.runtime.settings.resolved_train_mode(),
                 embedding_dir=str(self.runtime.store.root / "embeddings"),
+                encode_threads=os.cpu_count(),
             ),
             val=val,
             on_epoch=on_epoch,
