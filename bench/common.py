@@ -366,6 +366,7 @@ class UNetModel(torch.nn.Module):
             decoder="samed", num_classes=num_classes, image_size=image_size, context="single", labels=labels
         )
         self.prompt_head = None
+        self.backbone = SimpleNamespace(pretrained=False)  # no pretrained prompt path whose rate must be lowered
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.net = UNet(
@@ -385,6 +386,10 @@ class UNetModel(torch.nn.Module):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters with requires_grad."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def prompt_path_parameters(self) -> list[torch.nn.Parameter]:
+        """No prompt path."""
+        return []
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """No separate encoder: the 'embedding' is the image."""

@@ -27,7 +27,7 @@ from samora.data import SliceCache, load_volume
 from samora.engine.inference import segment_volume
 from samora.engine.losses import SegmentationLoss
 from samora.model import SamoraModel
-from samora.serving.interactive import Prompt, decode_slice_prompt, slice_prompts
+from samora.serving.interactive import Prompt, decode_slice_prompt, slice_letterbox, slice_prompts
 from samora.ssl import train_expert
 from samora.ssl.trainer import SSLSettings
 
@@ -94,9 +94,10 @@ def bench_model(preset: str, size: int, volume, checkpoint: str | None, quick: b
     with torch.no_grad():
         emb = model.encode(x)
         prompt = slice_prompts(Prompt("liver", foreground=[(60, 50, 0)]), 2, (122, 101, 1), size)[0]
-        row["prompt_cached_ms"] = 1000 * timed(lambda: decode_slice_prompt(model, emb, prompt, (122, 101)), 5)
+        letterbox = slice_letterbox((122, 101, 1), 2, size)
+        row["prompt_cached_ms"] = 1000 * timed(lambda: decode_slice_prompt(model, emb, prompt, letterbox), 5)
         row["prompt_reencode_ms"] = 1000 * timed(
-            lambda: decode_slice_prompt(model, model.encode(x), prompt, (122, 101)), 2
+            lambda: decode_slice_prompt(model, model.encode(x), prompt, letterbox), 2
         )
     model.set_stage("ssl-pixel")
     batch = torch.rand(2, 3, size, size)

@@ -277,4 +277,4 @@ def test_synchronous_training_failure_answers_with_its_reason(client):
     info = client.get("/info/").json()
     assert info["train_stats"]["samora"]["status"] == "ERROR"
     r = client.post(f"/infer/samora?image={client.store['unlabeled'][0]}", data={"params": "{}"})
-    assert r.status_code == 200  # still serving (the untrained model: no version was published)
+    assert r.status_code == 409  # still answering, and still untrained: no version was published
