@@ -48,9 +48,12 @@ class FinetuneConfig:
     # learning rate of a PRETRAINED prompt path relative to `lr`: it already answers boxes well, and the new heads'
     # rate would overwrite that on a few labels (LiteMedSAM's own fine-tuning uses 1e-5)
     prompt_lr_scale: float = 0.01
-    # torch threads for the cached mode's one-off encoding (None: unchanged): the encoder dominates a first training
-    # on a CPU, and nothing else heavy runs then, so the app gives it every core
-    encode_threads: int | None = None
+    # torch threads for a cached-mode training (None: unchanged): the one-off encoding dominates a first training on
+    # a CPU, and nothing else heavy runs then, so the app gives it every core
+    threads: int | None = None
+    # the best epoch is chosen on at most this many training slices when there is no validation set (evaluating
+    # every slice each epoch cost as much as training in the cached mode)
+    max_check_slices: int = 32
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -256,13 +259,7 @@ def _embed_for_training(
         return None
     from samora.engine.embeddings import EmbeddingStore
 
-    store = EmbeddingStore(root, model)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.encode_threads or threads)
-    try:
-        return store.embed(model, data.images, batch_size=4, device=config.device, on_progress=on_progress)
-    finally:
-        torch.set_num_threads(threads)
+    return EmbeddingStore(root, model).embed(model, data.images, device=config.device, on_progress=on_progress)
 
 
 class _Batches:
@@ -298,6 +295,23 @@ def finetune(
     """Train the stage-2 parameters; keep the weights of the best validation epoch. Returns the history.
 
     `on_encode(done, total)` reports the cached mode's one-off encoding of slices not encoded before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads or threads)
+    try:
+        return _finetune(model, train, config, val, on_epoch, should_stop, on_encode)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_set(train: LabeledSlices, val: LabeledSlices | None, train_emb, val_emb, limit: int):
+    """(slices, embeddings) the best epoch is chosen on: the validation set, else evenly spaced training slices."""
+    if val is not None and len(val):
+        return val, val_emb
+    pick = np.unique(np.linspace(0, len(train) - 1, min(limit, len(train))).round().astype(int))
+    return train.subset(pick), (train_emb[pick] if train_emb is not None else None)
+
+
+def _finetune(model, train, config, val, on_epoch, should_stop, on_encode) -> dict:
     if len(train) == 0:
         raise ValueError("no labelled slices to train on: every label volume is empty")
     device = torch.device(config.device)
@@ -325,10 +339,7 @@ def finetune(
     rng = np.random.default_rng(config.seed)
     hsam = model.config.decoder == "hsam"
     has_prompt = config.prompt_training and model.prompt_head is not None
-    if val is not None and len(val):
-        check, check_emb = val, val_emb
-    else:
-        check, check_emb = train, train_emb
+    check, check_emb = _check_set(train, val, train_emb, val_emb, config.max_check_slices)
     history: list[dict] = []
     best = {"metric": -math.inf, "epoch": -1, "state": None}
     step = 0

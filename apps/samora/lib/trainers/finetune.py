@@ -137,7 +137,7 @@ class SamoraFinetuneTrainer(TrainTask):
                 device=self.runtime.settings.device,
                 mode=self.runtime.settings.resolved_train_mode(),
                 embedding_dir=str(self.runtime.store.root / "embeddings"),
-                encode_threads=os.cpu_count(),
+                threads=os.cpu_count() if self.runtime.settings.resolved_train_mode() == "cached" else None,
             ),
             val=val,
             on_epoch=on_epoch,
