@@ -25,9 +25,9 @@ def test_real_ct_segmentation_on_input_grid(model, shared_data, monkeypatch):
     batches = []
     real = inference.predict_slices
 
-    def spy(m, stack, device="cpu"):
+    def spy(m, stack, device="cpu", letterbox=None):
         batches.append(stack.shape[0])
-        return real(m, stack, device)
+        return real(m, stack, device, letterbox)
 
     monkeypatch.setattr(inference, "predict_slices", spy)
     tracemalloc.start()
