@@ -52,6 +52,7 @@ from common import (
 )
 
 import samora
+from samora.data import Volume
 from samora.data.intensity import set_ct_window
 from samora.data.volumes import load_label
 from samora.metrics import class_metrics
@@ -199,10 +200,28 @@ class EncodeClock:
         return result, time.perf_counter() - start - (self.spent - spent)
 
 
+# library code on the encoding path (volume reading, normalisation, slice orientation/letterbox, encoder)
+ENCODING_SOURCES = (
+    "data",
+    "backbones",
+    "adapters",
+    "model.py",
+    "config.py",
+    "engine/inference.py",
+    "serving/runtime.py",
+)
+
+
 def model_fingerprint(runtime: ModelRuntime) -> str:
-    """Identity of what an embedding depends on: settings, library version and the image encoder's weights."""
+    """Identity of what an embedding depends on: settings, the library code on the encoding path and the image
+    encoder's weights."""
     s = runtime.settings
     digest = hashlib.sha1(f"{s.preset}|{s.image_size}|{s.context}|{s.ct_window}|{samora.__version__}".encode())
+    package = Path(samora.__file__).parent
+    for entry in ENCODING_SOURCES:
+        files = sorted((package / entry).rglob("*.py")) if (package / entry).is_dir() else [package / entry]
+        for file in files:
+            digest.update(file.read_bytes())
     for name, tensor in sorted(runtime.model()[1].backbone.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -229,10 +248,20 @@ class Scan:
     runtime: ModelRuntime
     clock: EncodeClock
     truth: np.ndarray
-    spacing: tuple[float, float, float]
-    axis: int
-    shape: tuple[int, int, int]
+    volume: Volume
     min_stability: float
+
+    @property
+    def axis(self) -> int:
+        return self.volume.axial_axis
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.volume.shape
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.volume.spacing
 
     @property
     def model(self):
@@ -240,7 +269,7 @@ class Scan:
 
     @property
     def letterbox(self):
-        return slice_letterbox(self.shape, self.axis, self.model.config.image_size)
+        return slice_letterbox(self.shape, self.axis, self.model.config.image_size, self.volume.affine)
 
     def logits(self, k: int, prompt: SlicePrompt) -> np.ndarray:
         """Mask logits of a slice prompt on slice k (its cached embedding)."""
@@ -259,9 +288,7 @@ def open_scan(runtime: ModelRuntime, clock: EncodeClock, folder: Path, min_stabi
     path = str(folder / "image.nii.gz")
     volume, _ = runtime.volume(path)
     truth, _ = load_label(folder / "label.nii.gz", like=volume)
-    return Scan(
-        folder.name, path, runtime, clock, truth, volume.spacing, volume.axial_axis, volume.shape, min_stability
-    )
+    return Scan(folder.name, path, runtime, clock, truth, volume, min_stability)
 
 
 def encode_slices(scan: Scan, slices: list[int]) -> dict[str, float]:

@@ -54,6 +54,9 @@ class FinetuneConfig:
     # the best epoch is chosen on at most this many training slices when there is no validation set (evaluating
     # every slice each epoch cost as much as training in the cached mode)
     max_check_slices: int = 32
+    # slices per step the prompt path trains on (None: the whole batch); a pretrained prompt path needs little
+    # adaptation, and each prompt decode costs as much as the head's on a CPU
+    prompt_slices: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -215,8 +218,12 @@ def evaluate_slices(
     return float(np.mean([2 * inter[c] / total[c] for c in present]))
 
 
-def _prompt_loss(model, emb, labels, rng, loss_fn) -> torch.Tensor | None:
-    """Simulate one prompt per slice; boxes and point sets decode as two groups (uniform prompt tensors)."""
+def _prompt_loss(model, emb, labels, rng, loss_fn, max_slices: int | None = None) -> torch.Tensor | None:
+    """Simulate one prompt per slice (on at most `max_slices` random slices of the batch); boxes and point sets
+    decode as two groups (uniform prompt tensors)."""
+    if max_slices is not None and len(labels) > max_slices:
+        keep = np.sort(rng.choice(len(labels), max_slices, replace=False))
+        emb, labels = emb[torch.as_tensor(keep)], labels[torch.as_tensor(keep)]
     prompts = [simulate_prompt(labels[i], rng) for i in range(len(labels))]
     groups: dict[bool, list[int]] = {True: [], False: []}
     for i, p in enumerate(prompts):
@@ -351,7 +358,7 @@ def _finetune(model, train, config, val, on_epoch, should_stop, on_encode) -> di
             emb, y = batches(order[b : b + config.batch_size])
             loss = seg_loss(model.decode(emb), y, epoch, hsam)
             if has_prompt:
-                extra = _prompt_loss(model, emb, y.cpu(), rng, prompt_loss)
+                extra = _prompt_loss(model, emb, y.cpu(), rng, prompt_loss, config.prompt_slices)
                 if extra is not None:
                     loss = loss + extra
             optimizer.zero_grad(set_to_none=True)

@@ -126,6 +126,7 @@ class SamoraFinetuneTrainer(TrainTask):
             )
             log.info("encoded %d/%d training slices", done, total)
 
+        cached = self.runtime.settings.resolved_train_mode() == "cached"
         result = finetune(
             model,
             train,
@@ -137,7 +138,8 @@ class SamoraFinetuneTrainer(TrainTask):
                 device=self.runtime.settings.device,
                 mode=self.runtime.settings.resolved_train_mode(),
                 embedding_dir=str(self.runtime.store.root / "embeddings"),
-                threads=os.cpu_count() if self.runtime.settings.resolved_train_mode() == "cached" else None,
+                threads=os.cpu_count() if cached else None,
+                prompt_slices=2 if cached and self.runtime.settings.pretrained else None,
             ),
             val=val,
             on_epoch=on_epoch,
