@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV="${SAMORA_VENV:-.venv}"
-export PATH="$PWD/$VENV/bin:$PATH"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac  # SAMORA_VENV may be absolute or relative to the project
+export PATH="$VENV/bin:$PATH"
 STUDIES="${SAMORA_STUDIES:-sample-data/studies}"
 if [ "$#" -eq 0 ]; then
   python -m samora.cli make-sample-data --out "$STUDIES"
