@@ -32,6 +32,8 @@ def server(tmp_path_factory):
     handle = start_server(store["studies"], app_conf(tmp, threads=1, epochs=2), tmp / "work")
     handle.store = store
     try:
+        # a first version, so that auto-segmentation answers (before any training it is refused with 409)
+        handle.post("/train/samora?run_sync=true", {"epochs": 1})
         yield handle
     finally:
         left = stop_server(handle)
