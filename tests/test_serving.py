@@ -59,7 +59,7 @@ def test_defaults_serve_litemedsam_with_a_training_mode_per_device():
     s = AppSettings.from_conf({})
     assert s.preset == "litemedsam" and s.image_size == 256 and s.pretrained
     assert s.model_config().finetune_experts is False  # real weights: the experts come from SSL, not stage 2
-    assert s.resolved_train_mode() == "cached" and s.resolved_epochs() == 4
+    assert s.resolved_train_mode() == "cached" and s.resolved_epochs() == 3
     gpu = AppSettings.from_conf({"device": "cuda"})
     assert gpu.resolved_train_mode() == "full" and gpu.resolved_epochs() == 40
     assert AppSettings.from_conf({"train_mode": "full", "epochs": "3"}).resolved_epochs() == 3

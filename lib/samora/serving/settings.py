@@ -12,7 +12,7 @@ from samora.data.intensity import IntensityWindow
 from samora.serving.interactive import MIN_PROPAGATION_STABILITY
 
 FULL_EPOCHS = 40
-CACHED_EPOCHS = 4
+CACHED_EPOCHS = 3
 
 
 class SettingsError(ValueError):
