@@ -77,11 +77,11 @@ class AppSettings:
     ssl_steps: int = 150  # per expert, for the bootstrap
     ssl_batch_size: int = 8
     context: str = "single"
-    infer_batch_size: int = 8
+    infer_batch_size: int = 1  # LiteMedSAM on a CPU: 1.06 s/slice at batch 1, 1.44 at batch 4 (memory-bound)
     # torch threads in the server and in each train/scoring subprocess; 0 keeps torch's default (one per core).
-    # 1 by default: those processes run concurrently, and oversubscribed OpenMP threads on a small CPU box were
-    # measured ~10x slower (SSL bootstrap steps on 2 shared cores) than one thread each.
-    threads: int = 1
+    # 0 by default since LiteMedSAM: with 1 thread the demo's auto-segmentation took ~6 s per slice. Concurrent
+    # processes can oversubscribe (measured ~10x slower SSL steps on 2 shared cores): set 1 where they overlap.
+    threads: int = 0
     finetune_experts: str = "auto"  # auto: train the LoRAs in stage 2 only on a random (checkpoint-less) backbone
     # largest volume a request may load, checked from the header before reading voxels (0 = no limit): 2^29 voxels
     # (512 x 512 x 2048) is 2 GiB per float32 copy, and the server holds a few copies (volume, normalised, cache)
