@@ -590,17 +590,29 @@ def main(argv: list[str] | None = None) -> int:
     init_worker(args.threads)
     settings = AppSettings()
     set_ct_window(settings.window())  # as the app does at start
+    record = new_record(args, settings)
+    results_dir = Path(args.out) / "results"
     with tempfile.TemporaryDirectory(prefix="samora-zeroshot-") as model_dir:
         runtime = ModelRuntime(settings, model_dir=model_dir)
         runtime.model()
-        cache = Path(args.embedding_cache) if args.embedding_cache else None
-        clock = EncodeClock(runtime, cache)
-        scans = SCANS[:1] if args.quick else SCANS
-        results = {
-            name: run_scan(runtime, clock, Path(args.data) / name, args, settings.propagation_stability)
-            for name in scans
-        }
-    record = {
+        clock = EncodeClock(runtime, Path(args.embedding_cache) if args.embedding_cache else None)
+        for name in SCANS[:1] if args.quick else SCANS:
+            folder = Path(args.data) / name
+            record["scans"][name] = run_scan(runtime, clock, folder, args, settings.propagation_stability)
+            write_json(results_dir / "zeroshot.json", {**record, "partial": True})  # a killed run keeps its scans
+    record["targets"] = target_lines(record)
+    record["wall_s"] = time.perf_counter() - wall
+    record["load_average_1_5_15min"] = {"start": load_start, "end": os.getloadavg()}
+    text = markdown(record)
+    write_json(results_dir / "zeroshot.json", record)
+    (results_dir / "zeroshot.md").write_text(text)
+    print(text)
+    return 0
+
+
+def new_record(args: argparse.Namespace, settings: AppSettings) -> dict[str, Any]:
+    """The run's description; scans are added as they finish."""
+    return {
         "benchmark": "zeroshot",
         "command": command_line(),
         "date": now_utc(),
@@ -610,17 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         | {"propagation_stability": settings.propagation_stability},
         "protocols": PROTOCOLS,
         "anchor_b": ANCHOR_B,
-        "scans": results,
+        "scans": {},
     }
-    record["targets"] = target_lines(record)
-    record["wall_s"] = time.perf_counter() - wall
-    record["load_average_1_5_15min"] = {"start": load_start, "end": os.getloadavg()}
-    text = markdown(record)
-    results_dir = Path(args.out) / "results"
-    write_json(results_dir / "zeroshot.json", record)
-    (results_dir / "zeroshot.md").write_text(text)
-    print(text)
-    return 0
 
 
 if __name__ == "__main__":
