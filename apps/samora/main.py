@@ -101,7 +101,6 @@ class SamoraApp(MONAILabelApp):
         if store.current_version() is None and self.datastore().get_labeled_images(DefaultLabelTag.FINAL):
             log.info("bootstrap: final labels exist but no model version; queueing samora training")
             self.async_training("samora", enqueue=True)
-        has_experts = store.experts_dir.is_dir() and any(store.experts_dir.glob("expert_*.safetensors"))
         if self.settings.resolved_train_mode() == "cached" and self.settings.fusion in ("reduced", "full"):
             # cached training never trains HL-Attn, whose zero-initialised output keeps the experts' effect at zero:
             # back-propagating the bootstrap through the encoder on this device would cost hours for nothing
@@ -110,6 +109,7 @@ class SamoraApp(MONAILabelApp):
                 "POST /train/samora_ssl to run it anyway"
             )
             return
+        has_experts = store.experts_dir.is_dir() and any(store.experts_dir.glob("expert_*.safetensors"))
         if not has_experts and self.datastore().get_unlabeled_images():
             log.info("bootstrap: no SSL experts yet and unlabeled studies exist; queueing samora_ssl")
             self.async_training("samora_ssl", enqueue=True)

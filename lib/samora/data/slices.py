@@ -123,10 +123,10 @@ class Letterbox:
             raise ValueError(f"letterbox needs positive sizes, got {self.height}x{self.width} -> {self.size}")
 
     @classmethod
-    def for_volume(cls, affine: np.ndarray, shape: Sequence[int], axis: int, size: int) -> Letterbox:
-        """The letterbox of a volume's slices along `axis`, oriented from its voxel-to-RAS affine."""
+    def for_volume(cls, affine: np.ndarray | None, shape: Sequence[int], axis: int, size: int) -> Letterbox:
+        """The letterbox of a volume's slices along `axis`, oriented from its voxel-to-RAS affine (None: identity)."""
         rows, cols = [a for a in range(3) if a != axis]
-        direction = np.asarray(affine, dtype=np.float64)[:3, :3]
+        direction = np.eye(3) if affine is None else np.asarray(affine, dtype=np.float64)[:3, :3]
         transpose = abs(direction[1, cols]) > abs(direction[1, rows])  # the array's columns run anterior-posterior
         shown_rows, shown_cols = (cols, rows) if transpose else (rows, cols)
         return cls(

@@ -109,7 +109,7 @@ def slices_from_arrays(
         return LabeledSlices(np.zeros((0, 3, size, size), np.float16), np.zeros((0, size, size), np.uint8), [])
     images = torch.as_tensor(np.stack([slice_stack(volume01, axis, i, context) for i in chosen]))
     masks = torch.as_tensor(np.stack([np.take(labels, i, axis=axis) for i in chosen]).astype(np.int64))
-    letterbox = Letterbox.for_volume(np.eye(4) if affine is None else affine, volume01.shape, axis, size)
+    letterbox = Letterbox.for_volume(affine, volume01.shape, axis, size)
     return LabeledSlices(
         letterbox.image(images).clamp(0, 1).numpy().astype(np.float16),
         letterbox.label(masks).numpy().astype(np.uint8),

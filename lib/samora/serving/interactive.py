@@ -122,7 +122,7 @@ def _in_plane(axis: int) -> tuple[int, int]:
 def slice_letterbox(shape: tuple[int, int, int], axis: int, size: int, affine: np.ndarray | None = None) -> Letterbox:
     """The letterbox of the volume's slices along `axis` onto the model's size x size input (oriented by the
     voxel-to-RAS `affine`, identity when not given) - the same one its embeddings were computed with."""
-    return Letterbox.for_volume(np.eye(4) if affine is None else affine, shape, axis, size)
+    return Letterbox.for_volume(affine, shape, axis, size)
 
 
 def slice_prompts(

@@ -126,7 +126,8 @@ class SamoraFinetuneTrainer(TrainTask):
             )
             log.info("encoded %d/%d training slices", done, total)
 
-        cached = self.runtime.settings.resolved_train_mode() == "cached"
+        mode = self.runtime.settings.resolved_train_mode()
+        cached = mode == "cached"
         result = finetune(
             model,
             train,
@@ -136,7 +137,7 @@ class SamoraFinetuneTrainer(TrainTask):
                 lr=params["lr"],
                 prompt_training=params["prompt_training"],
                 device=self.runtime.settings.device,
-                mode=self.runtime.settings.resolved_train_mode(),
+                mode=mode,
                 embedding_dir=str(self.runtime.store.root / "embeddings"),
                 threads=os.cpu_count() if cached else None,
                 prompt_slices=2 if cached and self.runtime.settings.pretrained else None,
