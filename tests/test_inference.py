@@ -25,9 +25,9 @@ def test_real_ct_segmentation_on_input_grid(model, shared_data, monkeypatch):
     batches = []
     real = inference.predict_slices
 
-    def spy(m, stack, device="cpu", letterbox=None):
+    def spy(m, stack, device="cpu", letterbox=None, embeddings=None):
         batches.append(stack.shape[0])
-        return real(m, stack, device, letterbox)
+        return real(m, stack, device, letterbox, embeddings)
 
     monkeypatch.setattr(inference, "predict_slices", spy)
     tracemalloc.start()
@@ -72,3 +72,46 @@ def test_mismatched_input_size_is_resized(model):
     stack = torch.rand(2, 3, 77, 91)
     probs = inference.predict_slices(model, stack)
     assert probs.shape == (2, 3, 77, 91)
+
+
+def _counting_encoder(model, monkeypatch) -> list[int]:
+    calls: list[int] = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda x: calls.append(len(x)) or encode(x))
+    return calls
+
+
+def test_embedding_store_makes_a_repeated_segmentation_decode_only(model, monkeypatch, tmp_path):
+    """Scoring, auto-segmentation and training share one folder of slice embeddings: a study segmented before
+    costs no encoder call, and the result matches the uncached one (float16 embeddings)."""
+    from samora.data import Volume
+    from samora.engine.embeddings import EmbeddingStore
+
+    rng = np.random.default_rng(0)
+    volume = Volume(rng.normal(40, 200, (40, 36, 6)).astype(np.float32), np.eye(4), "synthetic", "CT")
+    calls = _counting_encoder(model, monkeypatch)
+    plain = segment_volume(model, volume, batch_size=2, return_probabilities=True)
+    assert sum(calls) == 6
+    store = EmbeddingStore(tmp_path, model)
+    first = segment_volume(model, volume, batch_size=2, return_probabilities=True, embeddings=store)
+    assert sum(calls) == 12 and len(list(store.directory.glob("*.npy"))) == 6
+    again = segment_volume(
+        model, volume, batch_size=4, return_probabilities=True, embeddings=EmbeddingStore(tmp_path, model)
+    )
+    assert sum(calls) == 12, "a slice encoded before was encoded again"
+    np.testing.assert_array_equal(first.labels, again.labels)
+    assert np.abs(first.probabilities.astype(np.float32) - plain.probabilities.astype(np.float32)).max() < 0.02
+
+
+def test_embedding_store_keeps_under_its_byte_budget_oldest_first(model, tmp_path):
+    from samora.engine.embeddings import EmbeddingStore
+
+    images = np.random.default_rng(1).random((3, 3, 128, 128)).astype(np.float16)
+    one_slice = EmbeddingStore(tmp_path, model).embed(model, images[:1])[0].nbytes + 128  # + the .npy header
+    store = EmbeddingStore(tmp_path, model, max_bytes=2 * one_slice)
+    store.embed(model, images[:2])
+    oldest = sorted(store.directory.glob("*.npy"), key=lambda p: p.stat().st_mtime)[0]
+    store.embed(model, images[2:])
+    kept = list(store.directory.glob("*.npy"))
+    assert len(kept) == 2 and oldest not in kept
+    assert sum(p.stat().st_size for p in kept) <= 2 * one_slice

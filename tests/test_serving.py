@@ -59,7 +59,10 @@ def test_defaults_serve_litemedsam_with_a_training_mode_per_device():
     s = AppSettings.from_conf({})
     assert s.preset == "litemedsam" and s.image_size == 256 and s.pretrained
     assert s.model_config().finetune_experts is False  # real weights: the experts come from SSL, not stage 2
-    assert s.resolved_train_mode() == "cached" and s.resolved_epochs() == 3
+    assert s.resolved_train_mode() == "cached" and s.resolved_epochs() == 6
+    assert s.resolved_lr() == 1e-3 and AppSettings.from_conf({"preset": "tiny"}).resolved_lr() == 3e-3
+    assert AppSettings.from_conf({"lr": "2e-4"}).resolved_lr() == 2e-4
+    assert AppSettings.from_conf({}).embedding_cache_gb == 4.0
     gpu = AppSettings.from_conf({"device": "cuda"})
     assert gpu.resolved_train_mode() == "full" and gpu.resolved_epochs() == 40
     assert AppSettings.from_conf({"train_mode": "full", "epochs": "3"}).resolved_epochs() == 3

@@ -13,6 +13,7 @@ from monailabel.tasks.activelearning.random import Random
 
 import samora
 from lib.activelearning.uncertainty import UncertaintyStrategy
+from lib.background import enter_background, is_task_subprocess
 from lib.datastore import SamoraDatastore
 from lib.errors import install_form_json_handler
 from lib.failures import training_failure_report
@@ -33,6 +34,8 @@ class SamoraApp(MONAILabelApp):
     """Registers the SAMora infer tasks, trainers, scoring method and strategies; all work lives in `samora`."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        if is_task_subprocess():
+            enter_background()
         self.settings = AppSettings.from_conf(conf)
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)

@@ -48,10 +48,13 @@ def slice_key(image: np.ndarray) -> str:
 
 
 class EmbeddingStore:
-    """A folder of per-slice embeddings for one encoder state."""
+    """A folder of per-slice embeddings for one encoder state, shared by every process that uses the same folder
+    (training, the server's auto-segmentation, scoring) and kept under a byte budget by dropping the oldest files."""
 
-    def __init__(self, root: str | Path, model: SamoraModel) -> None:
-        self.directory = Path(root) / encoder_fingerprint(model)
+    def __init__(self, root: str | Path, model: SamoraModel, max_bytes: int | None = None) -> None:
+        self.root = Path(root)
+        self.directory = self.root / encoder_fingerprint(model)
+        self.max_bytes = max_bytes
 
     def embed(
         self,
@@ -65,19 +68,57 @@ class EmbeddingStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         keys = [slice_key(image) for image in images]
         missing = [i for i, key in enumerate(keys) if not self._path(key).is_file()]
-        if missing:
+        if missing and len(images) > 1:
             log.info("encoding %d of %d slices (the rest are cached in %s)", len(missing), len(keys), self.directory)
         model.eval()
         for done, start in enumerate(range(0, len(missing), batch_size)):
-            chunk = missing[start : start + batch_size]
-            x = torch.as_tensor(images[chunk], dtype=torch.float32, device=device)
-            with torch.no_grad():
-                embeddings = model.encode(x).cpu().numpy().astype(np.float16)
-            for i, embedding in zip(chunk, embeddings, strict=True):
-                atomic_write(self._path(keys[i]), lambda tmp, e=embedding: _save_npy(tmp, e))
+            # checked again per chunk: another process sharing the folder may have encoded it meanwhile
+            chunk = [i for i in missing[start : start + batch_size] if not self._path(keys[i]).is_file()]
+            if chunk:
+                self._encode(model, images, keys, chunk, device)
             if on_progress is not None:
                 on_progress(min((done + 1) * batch_size, len(missing)), len(missing))
-        return np.stack([np.load(self._path(key)) for key in keys])
+        embeddings = np.stack([self._load(model, images, keys, i, device) for i in range(len(keys))])
+        if missing:
+            self.prune()
+        return embeddings
+
+    def _encode(self, model: SamoraModel, images: np.ndarray, keys: list[str], chunk: list[int], device) -> None:
+        x = torch.as_tensor(images[chunk], dtype=torch.float32, device=device)
+        with torch.no_grad():
+            embeddings = model.encode(x).cpu().numpy().astype(np.float16)
+        for i, embedding in zip(chunk, embeddings, strict=True):
+            atomic_write(self._path(keys[i]), lambda tmp, e=embedding: _save_npy(tmp, e))
+
+    def _load(self, model: SamoraModel, images: np.ndarray, keys: list[str], i: int, device) -> np.ndarray:
+        try:
+            return np.load(self._path(keys[i]))
+        except FileNotFoundError:  # pruned by another process since it was written: encode it again
+            self._encode(model, images, keys, [i], device)
+            return np.load(self._path(keys[i]))
+
+    def prune(self) -> int:
+        """Delete the least recently written embeddings (of every encoder state) beyond the byte budget."""
+        if not self.max_bytes:
+            return 0
+        files = []
+        for path in self.root.glob("*/*.npy"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # pruned by another process meanwhile
+                continue
+            files.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in files)
+        removed = 0
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+            removed += 1
+        if removed:
+            log.info("embedding cache over %d bytes: removed the %d oldest slices", self.max_bytes, removed)
+        return removed
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.npy"

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from samora.data import IntensityWindow, Letterbox, Volume, iter_slice_batches, normalise
+from samora.engine.embeddings import EmbeddingStore
 from samora.model import SamoraModel
 
 BODY_THRESHOLD = 0.02  # normalised intensity above which a voxel counts as body (for uncertainty)
@@ -36,11 +37,20 @@ def predict_slices(
     stack: np.ndarray | torch.Tensor,
     device: str | torch.device = "cpu",
     letterbox: Letterbox | None = None,
+    embeddings: EmbeddingStore | None = None,
 ):
-    """(b, 3, H, W) slices in [0, 1] -> (b, K, H, W) class probabilities at the slices' own size."""
+    """(b, 3, H, W) slices in [0, 1] -> (b, K, H, W) class probabilities at the slices' own size.
+
+    With an embedding store, slices encoded before (by training, scoring or an earlier request) are not re-encoded."""
     x = torch.as_tensor(stack, dtype=torch.float32, device=device)
-    letterbox = letterbox or Letterbox(x.shape[-2], x.shape[-1], model.config.image_size)
-    probs = model.probabilities(model(letterbox.image(x)))
+    letterbox = letterbox or Letterbox.for_volume(None, (*x.shape[-2:], 1), 2, model.config.image_size)
+    images = letterbox.image(x)
+    if embeddings is None:
+        embedding = model.encode(images)
+    else:
+        cached = embeddings.embed(model, images.cpu().numpy(), batch_size=len(images), device=device)
+        embedding = torch.as_tensor(cached, dtype=torch.float32, device=device)
+    probs = model.probabilities(model.decode(embedding))
     return letterbox.back(probs).clamp_(0, 1)
 
 
@@ -53,6 +63,7 @@ def segment_volume(
     return_probabilities: bool = False,
     device: str | torch.device = "cpu",
     on_batch: Callable[[int, int], None] | None = None,
+    embeddings: EmbeddingStore | None = None,
 ) -> VolumeSegmentation:
     """Segment every axial slice; memory grows with the batch, not the volume (except optional probabilities)."""
     start = time.perf_counter()
@@ -67,7 +78,7 @@ def segment_volume(
     letterbox = Letterbox.for_volume(volume.affine, volume.shape, axis, model.config.image_size)
     done = 0
     for indices, stack in iter_slice_batches(scaled, axis, batch_size, model.config.context):
-        probs = predict_slices(model, stack, device, letterbox).cpu()
+        probs = predict_slices(model, stack, device, letterbox, embeddings).cpu()
         body = torch.as_tensor(stack[:, 1] > BODY_THRESHOLD)
         entropy = -(probs * probs.clamp_min(1e-8).log()).sum(1)
         entropy_sum += float(entropy[body].sum())

@@ -14,7 +14,11 @@ class SegmentationLoss(torch.nn.Module):
 
     def __init__(self, ce_weight: float = 0.2) -> None:
         super().__init__()
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=ce_weight, lambda_dice=1 - ce_weight)
+        # Dice over the whole batch per class (as SAMed's loss): per slice, every class absent from it adds a
+        # saturated ~1 term, which left the heads predicting background only after a few cached-mode epochs
+        self.loss = DiceCELoss(
+            to_onehot_y=True, softmax=True, lambda_ce=ce_weight, lambda_dice=1 - ce_weight, batch=True
+        )
 
     def forward(self, out: dict[str, torch.Tensor], labels: torch.Tensor, epoch: int, hsam: bool) -> torch.Tensor:
         full = self.loss(out["logits"], labels[:, None])

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from samora.data import Letterbox, Volume, load_volume, slice_stack
+from samora.engine.embeddings import EmbeddingStore
 from samora.engine.inference import normalised_volume
 from samora.engine.store import ModelStore
 from samora.model import SamoraModel
@@ -86,6 +87,11 @@ class ModelRuntime:
             while len(self._volumes) > 4:
                 self._volumes.popitem(last=False)
             return volume, scaled
+
+    def embedding_store(self, model: SamoraModel) -> EmbeddingStore | None:
+        """The on-disk slice embeddings this model's encoder shares with training and scoring (None: conf off)."""
+        budget = int(self.settings.embedding_cache_gb * 2**30)
+        return EmbeddingStore(self.store.root / "embeddings", model, max_bytes=budget) if budget else None
 
     @torch.no_grad()
     def slice_embedding(self, path: str, index: int) -> torch.Tensor:

@@ -70,7 +70,13 @@ class SamoraSegmentation(InferTask):
         read = time.perf_counter()
         version, model = self.runtime.model()
         loaded = time.perf_counter()
-        result = segment_volume(model, volume, batch_size=batch, device=self.runtime.settings.device)
+        result = segment_volume(
+            model,
+            volume,
+            batch_size=batch,
+            device=self.runtime.settings.device,
+            embeddings=self.runtime.embedding_store(model),
+        )
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         save_label(result.labels, volume.affine, out)
         done = time.perf_counter()

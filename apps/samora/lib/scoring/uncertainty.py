@@ -36,7 +36,11 @@ def score_images(runtime: ModelRuntime, datastore: Datastore, image_ids: list[st
             continue
         volume, _ = runtime.volume(datastore.get_image_uri(image_id))
         result = segment_volume(
-            model, volume, batch_size=runtime.settings.infer_batch_size, device=runtime.settings.device
+            model,
+            volume,
+            batch_size=runtime.settings.infer_batch_size,
+            device=runtime.settings.device,
+            embeddings=runtime.embedding_store(model),
         )
         scored[image_id] = result.mean_entropy
         datastore.update_image_info(image_id, {SCORE_KEY: {"score": result.mean_entropy, "model_version": version}})

@@ -45,7 +45,12 @@ class SamoraFinetuneTrainer(TrainTask):
 
     def config(self) -> dict:
         s = self.runtime.settings
-        return {"epochs": s.resolved_epochs(), "batch_size": s.batch_size, "lr": s.lr, "prompt_training": True}
+        return {
+            "epochs": s.resolved_epochs(),
+            "batch_size": s.batch_size,
+            "lr": s.resolved_lr(),
+            "prompt_training": True,
+        }
 
     def stats(self) -> dict:
         return self.stats_file.read()
