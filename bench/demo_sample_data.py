@@ -215,9 +215,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = dt.datetime.now(dt.timezone.utc)
     temp = args.work is None
     work = Path(args.work or tempfile.mkdtemp(prefix="samora-demo-")).resolve()
+    if work.is_dir() and any(work.iterdir()):
+        # a model version left there would be served instead of training: the demo measures a fresh start
+        raise SystemExit(f"--work {work} is not empty: give a new or empty folder")
     work.mkdir(parents=True, exist_ok=True)
     studies, truth = work / "sample-data", work / "sample-data_truth"
-    conf = {"model_dir": str(work / "model"), **{k: v for k, v in args.conf}}
+    # the phantoms' own label map, as scripts/serve.sh serves them (the app's default is 8 abdominal organs)
+    phantom_labels = ",".join(f"{name}={idx}" for name, idx in PHANTOM_LABELS.items())
+    conf = {"model_dir": str(work / "model"), "labels": phantom_labels, **{k: v for k, v in args.conf}}
     record: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": started.isoformat(timespec="seconds"),

@@ -512,7 +512,7 @@ def render_markdown(record: dict) -> str:
     out.append(md_table(headers, rows))
     out += [
         "",
-        "HD95 in mm (spacing-aware convention of METHOD.md §6, averaged over the organs the model detected; "
+        "HD95 in mm (spacing-aware convention of docs/design.md §14, averaged over the organs the model detected; "
         "`missed` = organs with an empty prediction, whose HD95 is infinite), and the SAMed/H-SAM convention "
         "(voxel units; an empty prediction scores Dice 0 and HD95 0, so missing an organ *lowers* its mean HD95):",
         "",

@@ -345,9 +345,9 @@ TRIED = [
     "1e-2 and 3e-2; 3e-3 learns and is used for every method.",
     "Batch size at a fixed CPU budget: small batches (2) with more steps did as well as batch 4-8 at a fraction of "
     "the compute in development runs, so the budget is spent on many small steps.",
-    "Frozen vs fine-tuned experts in stage 2: both are reported, (b) and (b'). METHOD.md freezes the experts (they "
-    "are meant to adapt a strong pretrained SAM); on a random backbone the app fine-tunes them (`finetune_experts "
-    "auto`).",
+    "Frozen vs fine-tuned experts in stage 2: both are reported, (b) and (b'). docs/design.md §8 freezes the experts "
+    "(they are meant to adapt a strong pretrained SAM); on a random backbone the app fine-tunes them "
+    "(`finetune_experts auto`).",
     "HL-Attn starts as an exact no-op (zero-initialised output projection), so SAMora begins from the frozen random "
     "encoder and must learn the fusion before the experts' residuals can help, while the SAMed-style LoRA adapts "
     "the encoder from the first step; the plain sum (c) and single experts (d) have no such warm-up.",

@@ -31,7 +31,10 @@ def test_train_publishes_version_and_infer_uses_it(client, tmp_path):
     assert before.status_code == 409, before.text
     detail = before.json()["detail"]
     assert "no trained model version" in detail and "save final labels" in detail.lower()
-    assert client.get("/info/").json()["models"]["samora"]["status"].startswith("untrained")
+    info = client.get("/info/").json()
+    assert info["models"]["samora"]["status"].startswith("untrained")
+    assert info["models"]["samora"]["model"] == {"trained": False}
+    assert info["models"]["samora_prompt"]["status"] == "random-initialised prompt path"  # the tiny test preset
     # save a final label with Slicer-style label_info in a shuffled order
     target = client.store["unlabeled"][1]
     order = ["spine", "kidney_right", "liver", "spleen", "kidney_left"]
@@ -51,7 +54,12 @@ def test_train_publishes_version_and_infer_uses_it(client, tmp_path):
     assert stats["epoch"] == 2 and stats["total_epochs"] == 2 and "best_metric" in stats
     after = _infer(client, "samora", unlabeled)
     assert after.status_code == 200 and after.content
-    assert client.get("/info/").json()["models"]["samora"]["status"] == "model version 1"
+    models = client.get("/info/").json()["models"]
+    assert models["samora"]["status"] == "model version 1"
+    for task in ("samora", "samora_prompt"):
+        summary = models[task]["model"]
+        assert summary["trained"] and summary["version"] == 1 and summary["labeled_studies"] == 3, summary
+        assert summary["train_mode"] == "cached" and summary["published_at"].startswith("20"), summary
 
 
 def test_prompt_reuses_embeddings(client):
@@ -69,3 +77,38 @@ def test_uncertainty_strategy_picks_highest_score(client):
     assert r.status_code == 200, r.text
     picked = r.json()["id"]
     assert picked in client.store["unlabeled"]
+    # no trained version yet: no meaningless ranking, a random pick that says so
+    assert r.json()["strategy"] == "random" and r.json()["model_version"] == 0
+
+
+def test_a_version_trained_under_another_label_order_is_served_in_the_confs_numbers(tmp_path, monkeypatch):
+    """Labels are one truth by name: a model trained with liver=1... and served after a restart with the conf's
+    labels in another order answers in the conf's numbers, every organ's voxels unchanged."""
+    import nibabel as nib
+    import numpy as np
+    from conftest import app_client
+
+    from samora.data import PHANTOM_LABELS
+
+    def segment(client):
+        image = client.store["unlabeled"][0]
+        r = client.post(f"/infer/samora?image={image}&output=image", data={"params": "{}"})
+        assert r.status_code == 200, r.text
+        path = tmp_path / "out.nii.gz"
+        path.write_bytes(r.content)
+        result = client.post(f"/infer/samora?image={image}&output=json", data={"params": "{}"}).json()
+        return np.asarray(nib.load(str(path)).dataobj), result
+
+    with app_client(tmp_path, monkeypatch, epochs=15, train_mode="full") as client:
+        assert client.post("/train/samora?run_sync=true", json={}).status_code == 200
+        trained, first = segment(client)
+    assert first["label_names"] == PHANTOM_LABELS
+    assert len(set(np.unique(trained).tolist()) - {0}) >= 2, "the model must label organs for this check to mean much"
+    reordered = {name: i + 1 for i, name in enumerate(reversed(list(PHANTOM_LABELS)))}
+    conf_labels = ",".join(f"{name}={idx}" for name, idx in reordered.items())
+    with app_client(tmp_path, monkeypatch, labels=conf_labels) as client:
+        assert client.get("/info/").json()["models"]["samora"]["labels"] == reordered
+        served, second = segment(client)
+    assert second["label_names"] == reordered and second["model_version"] == 1
+    for name in PHANTOM_LABELS:
+        np.testing.assert_array_equal(trained == PHANTOM_LABELS[name], served == reordered[name], err_msg=name)

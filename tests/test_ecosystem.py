@@ -1,4 +1,4 @@
-"""Guards against the known breakages of today's packages (MONAILABEL.md): each would fail if one came back."""
+"""Guards against the known breakages of today's packages: each would fail if one came back."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ def _clone(tmp: Path) -> Path:
     return clone
 
 
-def _serve(clone: Path, work: Path) -> ServerProcess:
+def _serve(clone: Path, work: Path, *args: str) -> ServerProcess:
     port = free_port()
     env = monailabel_env(
         work,
@@ -38,7 +38,7 @@ def _serve(clone: Path, work: Path) -> ServerProcess:
     log_path = work / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            ["bash", "scripts/serve.sh"],
+            ["bash", "scripts/serve.sh", *args],
             cwd=clone,
             env=env,
             stdout=log,
@@ -61,11 +61,13 @@ def test_serve_sh_defaults_to_litemedsam_and_prompts_work_before_training(tmp_pa
     work = tmp_path / "work"
     work.mkdir()
     clone = _clone(tmp_path)
-    server = _serve(clone, work)
+    server = _serve(clone, work, "--conf", "threads", "2")  # an argument keeps the demo datastore and its labels
     try:
         info = wait_for(lambda: _info(server), lambda i: i is not None, timeout=300)
         log = server.log_tail(200_000)
         assert "LiteMedSAM with its pretrained medical weights" in log and "RANDOM-INITIALISED" not in log
+        assert "'threads': 2" in log
+        assert info["models"]["samora"]["labels"] == PHANTOM_LABELS
         assert info["models"]["samora"]["status"].startswith("untrained")
         truth_dir = clone / "sample-data" / "studies_truth"
         image_id = sorted(p.name[: -len(".nii.gz")] for p in truth_dir.glob("*.nii.gz"))[0]

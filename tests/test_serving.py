@@ -103,3 +103,14 @@ def test_store_publishes_versions_and_falls_back_past_corruption(tmp_path):
     assert store.versions() == [3, 4, 5]  # keeps the newest `keep`
     store.rollback(4)
     assert store.current_version() == 4
+
+
+def test_model_output_is_renumbered_by_name_onto_the_served_map():
+    from samora.serving.labels import remap_model_output
+
+    out = np.array([0, 1, 2, 3, 3])
+    trained = {"liver": 1, "spleen": 2, "gallbladder": 3}
+    same, dropped = remap_model_output(out, trained, dict(trained))
+    assert same is out and dropped == []
+    renumbered, dropped = remap_model_output(out, trained, {"Spleen": 1, "liver": 4})
+    assert renumbered.tolist() == [0, 4, 1, 0, 0] and dropped == ["gallbladder"]

@@ -87,7 +87,7 @@ def trained(cache, tmp_path_factory) -> dict:
 
 
 def test_patch_targets_follow_the_token_grid():
-    """METHOD §7 bug 3: the target of token (i, j) is the pixels that patch_embed turned into token (i, j)."""
+    """docs/design.md §15.3: the target of token (i, j) is the pixels that patch_embed turned into token (i, j)."""
     model = tiny_model()
     x = torch.rand(2, 3, SIZE, SIZE)
     y = x.clone()
@@ -147,7 +147,7 @@ def test_denoising_output_and_target_share_the_unit_range(cache):
 
 
 def test_random_teacher_is_refused_and_a_trained_one_distils(tmp_path):
-    """METHOD §7 bug 4: distilling from an untrained network is refused."""
+    """docs/design.md §15.4: distilling from an untrained network is refused."""
     import torchvision
 
     net = torchvision.models.resnet18(weights=None)

@@ -1,4 +1,4 @@
-"""Evaluation per volume and class: Dice and HD95 in both conventions of METHOD.md §6 (MONAI metrics)."""
+"""Evaluation per volume and class: Dice and HD95 in both conventions of docs/design.md §14 (MONAI metrics)."""
 
 from __future__ import annotations
 

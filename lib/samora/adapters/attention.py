@@ -1,4 +1,4 @@
-"""Attention wrapper that applies the LoRA experts and fuses their residuals (HL-Attn, METHOD.md §4)."""
+"""Attention wrapper that applies the LoRA experts and fuses their residuals (HL-Attn, docs/design.md §5)."""
 
 from __future__ import annotations
 

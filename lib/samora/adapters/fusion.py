@@ -1,4 +1,4 @@
-"""HL-Attn: bottom-up cross-attention fusion of the three experts' attention residuals (METHOD.md §4)."""
+"""HL-Attn: bottom-up cross-attention fusion of the three experts' attention residuals (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""H-SAM-style two-stage head (METHOD.md §5): stage 1 is the SAMed head; stage 2 is a prior-guided decoder."""
+"""H-SAM-style two-stage head (docs/design.md §6): stage 1 is the SAMed head; stage 2 is a prior-guided decoder."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from samora.io_utils import atomic_write_json
-from samora.model import ModelFileError, SamoraModel
+from samora.model import META_FILE, ModelFileError, SamoraModel
 
 log = logging.getLogger(__name__)
 _VERSION_DIR = re.compile(r"^v(\d{6})$")
@@ -58,7 +59,8 @@ class ModelStore:
         version = (self.versions()[-1] if self.versions() else 0) + 1
         tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=self.versions_dir))
         try:
-            model.save(tmp, metadata={**(metadata or {}), "version": version})
+            published = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            model.save(tmp, metadata={**(metadata or {}), "version": version, "published_at": published})
             os.replace(tmp, self.path(version))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -67,6 +69,24 @@ class ModelStore:
         self._prune()
         log.info("published model version %d at %s", version, self.path(version))
         return version
+
+    def summary(self) -> dict:
+        """What a viewer can show about the current version: whether one is trained, its number, how many labelled
+        studies trained it, the training mode and when it was published."""
+        version = self.current_version()
+        if version is None:
+            return {"trained": False}
+        try:
+            meta = json.loads((self.path(version) / META_FILE).read_text())
+        except (OSError, ValueError) as e:
+            return {"trained": True, "version": version, "error": f"model.json unreadable: {e}"}
+        return {
+            "trained": True,
+            "version": version,
+            "labeled_studies": len(meta.get("trained_on") or []),
+            "train_mode": meta.get("train_mode"),
+            "published_at": meta.get("published_at"),
+        }
 
     def rollback(self, version: int) -> None:
         """Make an earlier version current again."""

@@ -31,3 +31,22 @@ def remap_by_name(labels: np.ndarray, label_info: list[dict] | None, model_label
         if target is not None:
             out[labels == int(idx)] = target
     return out
+
+
+def remap_model_output(
+    labels: np.ndarray, model_labels: dict[str, int], served_labels: dict[str, int]
+) -> tuple[np.ndarray, list[str]]:
+    """A model's output renumbered by organ name onto the served map (the app's conf); returns it with the names
+    the model knows but the served map lacks (written as 0)."""
+    if model_labels == served_labels:
+        return labels, []
+    served = {name.lower(): idx for name, idx in served_labels.items()}
+    out = np.zeros_like(labels)
+    dropped = []
+    for name, idx in model_labels.items():
+        target = served.get(name.lower())
+        if target is None:
+            dropped.append(name)
+        else:
+            out[labels == idx] = target
+    return out, dropped

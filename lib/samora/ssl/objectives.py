@@ -1,4 +1,4 @@
-"""The three stage-1 objectives (METHOD.md §3), each with its small head; only the active expert and its head train.
+"""The three stage-1 objectives (docs/design.md §7), each with its own head; only the active expert and its head train.
 
 - image level: SimCLR-style contrastive learning (NT-Xent on pooled neck features), optional teacher distillation;
 - patch level: masked image modelling (MAE family) with a learned mask token and a light per-patch pixel decoder;
@@ -351,7 +351,7 @@ class MaskedImageObjective(SSLObjective):
             tokens = tokens + sincos_2d(tokens.shape[1], tokens.shape[2], tokens.shape[3]).to(tokens)
         prediction = self.decoder(tokens)
         # Prediction and target share the (B, H, W) grid, and one boolean mask selects both: the same tokens are
-        # compared in the same order (the reference code gathered them in two different orders, METHOD §7 bug 3).
+        # compared in the same order (the reference code gathered them in two different orders, docs/design.md §15.3).
         target = normalise_patches(patchify(images, self.patch_size), self.norm_eps)
         per_patch = (prediction - target).pow(2).mean(dim=-1)
         return {"loss": per_patch[mask].mean()}
@@ -497,7 +497,7 @@ def build_objective(level: str, model: nn.Module, teacher: nn.Module | None = No
 def load_teacher(path: str | Path, arch: str = "resnet50") -> nn.Module:
     """A frozen torchvision ResNet (fc removed) from a state-dict file, loaded with weights_only=True.
 
-    Refuses files that do not fit the architecture and teachers that were visibly never trained (METHOD §7 bug 4:
+    Refuses files that do not fit the architecture and teachers that were visibly never trained (docs/design.md §15.4:
     the reference code distilled from randomly initialised teachers).
     """
     import torchvision
@@ -547,7 +547,7 @@ def check_teacher(teacher: nn.Module, source: str = "teacher") -> None:
     if untouched:
         raise TeacherError(
             f"{source}: the teacher looks untrained (all batch-norm running statistics at their initial values); "
-            "distilling from a random network is meaningless (METHOD.md §7 bug 4)"
+            "distilling from a random network is meaningless (docs/design.md §15.4)"
         )
 
 

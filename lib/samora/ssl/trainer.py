@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "samora-ssl-checkpoint/1"
-DEFAULT_EPOCHS = 30  # the reference optimisation (METHOD.md §3)
+DEFAULT_EPOCHS = 30  # the reference optimisation (docs/design.md §7)
 PLOT_FILE = "loss_curves.png"
 SUMMARY_FILE = "pretrain_summary.json"
 logger = logging.getLogger(__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -26,7 +27,12 @@ class UncertaintyStrategy(Strategy):
         unlabeled = sorted(datastore.get_unlabeled_images())
         if not unlabeled:
             return None
-        version, _ = self.runtime.model()
+        version = self.runtime.store.current_version() or 0
+        if not version:
+            # an untrained model's entropy is the same everywhere: no ranking until a version exists
+            pick = random.choice(unlabeled)
+            log.info("uncertainty strategy: no trained model version yet, picked %s at random", pick)
+            return {"id": pick, "score": None, "model_version": 0, "strategy": "random"}
         missing = [i for i in unlabeled if stored_score(datastore, i, version) is None]
         if missing:
             score_images(self.runtime, datastore, missing)

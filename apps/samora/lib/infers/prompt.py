@@ -28,6 +28,15 @@ class SamoraPrompt(InferTask):
     def is_valid(self) -> bool:
         return True
 
+    def info(self) -> dict:
+        info = super().info()
+        model = self.runtime.store.summary()
+        # before any training the prompt path is the backbone's own prompt decoder (pretrained with real weights)
+        untrained = "pretrained prompt path" if self.runtime.settings.pretrained else "random-initialised prompt path"
+        info["status"] = f"model version {model['version']}" if model["trained"] else untrained
+        info["model"] = model
+        return info
+
     def __call__(self, request) -> tuple[str, dict]:
         with client_errors(f"infer samora_prompt on {request.get('image')}"):
             return self._run(request)

@@ -12,6 +12,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lib.errors import client_errors
 from samora.data import save_label
 from samora.engine.inference import segment_volume
+from samora.serving.labels import remap_model_output
 from samora.serving.runtime import ModelRuntime
 from samora.serving.validation import positive_int_param
 
@@ -53,6 +54,7 @@ class SamoraSegmentation(InferTask):
         info = super().info()
         reason = self.untrained_reason()
         info["status"] = "untrained: " + reason if reason else f"model version {self.runtime.store.current_version()}"
+        info["model"] = self.runtime.store.summary()
         return info
 
     def __call__(self, request) -> tuple[str, dict]:
@@ -77,12 +79,22 @@ class SamoraSegmentation(InferTask):
             device=self.runtime.settings.device,
             embeddings=self.runtime.embedding_store(model),
         )
+        served = dict(self.runtime.settings.labels)
+        labels, dropped = remap_model_output(result.labels, dict(model.config.labels), served)
+        if labels is not result.labels:
+            log.warning(
+                "model version %d numbers its classes %s; output renumbered by name onto the conf's labels %s%s",
+                version,
+                model.config.labels,
+                served,
+                f" (not in the conf, left out: {dropped})" if dropped else "",
+            )
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
-        save_label(result.labels, volume.affine, out)
+        save_label(labels, volume.affine, out)
         done = time.perf_counter()
         log.info("segmented %s with model version %d in %.2fs", request["image"], version, done - start)
         return out, {
-            "label_names": dict(model.config.labels),
+            "label_names": served,
             "model_version": version,
             "mean_entropy": result.mean_entropy,
             "latencies": {
