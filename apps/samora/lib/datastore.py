@@ -38,7 +38,7 @@ class SamoraDatastore(LocalDatastore):
 
     def add_image(self, image_id: str, image_filename: str, image_info: dict) -> str:
         """Refuse ids that would place a file outside the datastore, and volumes we could not use."""
-        with client_errors(f"image {image_id!r}"):
+        with client_errors(f"image {image_id!r}", {image_filename: "the uploaded image"}):
             check_id(image_id, self._datastore.image_path())
             load_volume(image_filename)
         return super().add_image(image_id, image_filename, image_info)
@@ -49,10 +49,9 @@ class SamoraDatastore(LocalDatastore):
         obj = self._datastore.objects.get(image_id)
         if not obj:
             raise ImageNotFoundException(f"Image {image_id} not found")
-        with client_errors(f"label for {image_id}"):
-            validate_label_upload(
-                label_filename, self.get_image_uri(image_id), self.samora_labels, (label_info or {}).get("label_info")
-            )
+        image_uri = self.get_image_uri(image_id)
+        with client_errors(f"label for {image_id}", {label_filename: "the uploaded label", image_uri: image_id}):
+            validate_label_upload(label_filename, image_uri, self.samora_labels, (label_info or {}).get("label_info"))
         _, ext = self._to_id(os.path.basename(label_filename))
         label_dir = self._datastore.label_path(label_tag)
         name = self._filename(image_id, ext)

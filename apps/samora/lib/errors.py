@@ -22,9 +22,21 @@ log = logging.getLogger(__name__)
 CLIENT_ERRORS = (VolumeError, PromptError, LabelMappingError, UploadError, json.JSONDecodeError, FileNotFoundError)
 
 
+def study_id(path: str | None) -> str:
+    """The datastore id of an image file (its name without the image extension): what a client calls the study."""
+    name = os.path.basename(str(path or "").rstrip(os.sep))
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
 @contextmanager
-def client_errors(action: str) -> Iterator[None]:
-    """Turn a client's bad input into HTTP 422 (404 for missing files, 413 over the memory budget) naming it."""
+def client_errors(action: str, shown: dict[str, str] | None = None) -> Iterator[None]:
+    """Turn a client's bad input into HTTP 422 (404 for missing files, 413 over the memory budget) naming it.
+
+    `shown` maps server-side files to what the client calls them (the study id, "the uploaded label"): the answer
+    names those, never a path of the server."""
     try:
         yield
     except HTTPException:
@@ -32,7 +44,10 @@ def client_errors(action: str) -> Iterator[None]:
     except CLIENT_ERRORS as e:
         status = 404 if isinstance(e, FileNotFoundError) else 413 if isinstance(e, VolumeTooLarge) else 422
         log.warning("%s refused: %s", action, e)
-        raise HTTPException(status_code=status, detail=f"{action}: {e}") from e
+        message = str(e)
+        for path, name in (shown or {}).items():
+            message = message.replace(str(path), name)
+        raise HTTPException(status_code=status, detail=f"{action}: {message}") from e
     except MemoryError as e:
         raise HTTPException(status_code=413, detail=f"{action}: input too large for this server's memory") from e
 
