@@ -55,3 +55,31 @@ def test_task_child_runs_at_background_priority_and_ends_with_its_parent():
     finally:
         if parent.poll() is None:
             os.killpg(parent.pid, signal.SIGKILL)
+
+
+@pytest.mark.e2e
+def test_stopping_the_server_mid_training_leaves_no_task_running(tmp_path):
+    """`kill <server pid>` (a service manager's stop) while a training runs: the server ends its task and exits."""
+    from app_helpers import alive, app_conf, make_datastore, start_server, stop_server, wait_for
+
+    store = make_datastore(tmp_path)
+    conf = app_conf(tmp_path, threads=1, epochs=500, train_mode="full")  # a training that outlasts the test
+    server = start_server(store["studies"], conf, tmp_path / "work")
+    try:
+        server.post("/train/samora", {})
+        stats = wait_for(
+            lambda: server.client.info()["train_stats"].get("samora", {}),
+            lambda s: s.get("status") == "RUNNING" and s.get("epoch", 0) >= 1,
+            timeout=120,
+            interval=0.5,
+        )
+        tasks = server.remember_children()
+        assert tasks, f"no task subprocess while training runs ({stats})"
+        server.proc.send_signal(signal.SIGTERM)  # the server alone, not its process group
+        server.proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while alive(tasks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(tasks), f"task(s) {sorted(alive(tasks))} outlived the server:\n{server.log_tail()}"
+    finally:
+        stop_server(server)

@@ -13,7 +13,7 @@ from monailabel.tasks.activelearning.random import Random
 
 import samora
 from lib.activelearning.uncertainty import UncertaintyStrategy
-from lib.background import enter_background, is_task_subprocess
+from lib.background import end_tasks_on_stop, enter_background, is_task_subprocess
 from lib.datastore import SamoraDatastore
 from lib.errors import install_form_json_handler
 from lib.failures import training_failure_report
@@ -36,6 +36,8 @@ class SamoraApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         if is_task_subprocess():
             enter_background()
+        else:
+            end_tasks_on_stop()
         self.settings = AppSettings.from_conf(conf)
         if self.settings.threads:
             torch.set_num_threads(self.settings.threads)

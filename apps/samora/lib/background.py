@@ -1,6 +1,8 @@
 """MONAI Label runs training, scoring and batch inference as subprocesses of the server. When this process is one of
 them, it runs at background priority (an annotator's request in the server always comes first: on a small CPU two
-processes with a thread per core each slowed one another ~10x) and it ends when the server ends."""
+processes with a thread per core each slowed one another ~10x) and it ends when the server ends. In the server, a
+stop signal ends the running tasks first: MONAI Label would otherwise wait for them (its task thread reads their
+output until they exit), or leave them running if the server is killed."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -55,3 +58,32 @@ def _die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the server ended before the signal was armed
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def end_tasks_on_stop() -> None:
+    """In the server: on SIGTERM/SIGINT, send SIGTERM to every running task subprocess, then let the server's own
+    handler (uvicorn's graceful shutdown) run. Only possible from the main thread (not under a test client)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if callable(previous):
+            signal.signal(sig, _chain(previous))
+
+
+def _chain(previous):
+    def handler(sig, frame):
+        _terminate_tasks()
+        previous(sig, frame)
+
+    return handler
+
+
+def _terminate_tasks() -> None:
+    from monailabel.utils.async_tasks.utils import background_processes
+
+    for method, processes in list(background_processes.items()):
+        for process in list(processes.values()):
+            if process.poll() is None:
+                log.info("server stopping: ending the %s task (pid %d)", method, process.pid)
+                process.terminate()
