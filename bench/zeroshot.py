@@ -62,6 +62,7 @@ from samora.serving.interactive import (
     decode_slice_prompt,
     mask_stability,
     mask_to_prompt,
+    propagation_threshold,
     refine,
     slice_letterbox,
 )
@@ -69,7 +70,7 @@ from samora.serving.runtime import ModelRuntime
 from samora.serving.settings import AppSettings
 
 SCANS = ("ct_abdomen_totalseg", "mr_abdomen_totalseg")
-QUICK_ORGANS = ("liver", "spleen", "kidney_left")
+QUICK_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right")
 PROTOCOLS = {"a": "per-slice truth box", "b": "2D box on seed slice, propagated", "c": "3D truth ROI, propagated"}
 # (protocol, organ or None for the mean over all organs of the CT scan, threshold)
 TARGETS = (
@@ -329,7 +330,7 @@ def stop_reason(scan: Scan, pred: np.ndarray, end: int, step: int, roi: tuple[in
     """Why propagation ended at slice `end` going `step`: refine()'s rules re-applied to the next slice."""
     z, depth = end + step, scan.shape[scan.axis]
     z_lo, z_hi, within = 0, depth - 1, None
-    if roi is not None:
+    if roi is not None and roi[2 * scan.axis] != roi[2 * scan.axis + 1]:  # a 2D box propagates unbounded
         z_lo, z_hi = roi[2 * scan.axis], roi[2 * scan.axis + 1]
         rows, cols = in_plane(scan.axis)
         within = scan.letterbox.box(roi[2 * rows], roi[2 * rows + 1], roi[2 * cols], roi[2 * cols + 1])
@@ -343,7 +344,7 @@ def stop_reason(scan: Scan, pred: np.ndarray, end: int, step: int, roi: tuple[in
     overlap = float(np.logical_and(mask, previous).sum() / max(previous.sum(), 1))
     stability = mask_stability(logits)
     reason = "vanished" if mask.sum() < MIN_PIXELS else "jump" if overlap < MIN_OVERLAP else "unstable"
-    if reason == "unstable" and stability >= scan.min_stability:
+    if reason == "unstable" and stability >= propagation_threshold(scan.min_stability, within is not None):
         reason = "unknown"
     return {"reason": reason, "next_slice": z, "pixels": int(mask.sum()), "overlap": overlap, "stability": stability}
 
@@ -564,7 +565,7 @@ def markdown(record: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: liver, spleen, kidney_left of the CT only")
+    parser.add_argument("--quick", action="store_true", help="smoke run: liver, spleen and both kidneys of the CT only")
     parser.add_argument("--out", default="docs", help="writes OUT/results/zeroshot.json and OUT/results/zeroshot.md")
     parser.add_argument("--data", default=str(DATA), help="shared data folder (default: $SAMORA_SHARED_DATA)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
