@@ -114,7 +114,7 @@ class SamoraApp(MONAILabelApp):
                 "POST /train/samora_ssl to run it anyway"
             )
             return
-        has_experts = store.experts_dir.is_dir() and any(store.experts_dir.glob("expert_*.safetensors"))
+        has_experts = bool(store.expert_files())
         if not has_experts and self.datastore().get_unlabeled_images():
             log.info("bootstrap: no SSL experts yet and unlabeled studies exist; queueing samora_ssl")
             self.async_training("samora_ssl", enqueue=True)

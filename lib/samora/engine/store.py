@@ -70,6 +70,10 @@ class ModelStore:
         log.info("published model version %d at %s", version, self.path(version))
         return version
 
+    def expert_files(self) -> list[Path]:
+        """The SSL experts saved by the bootstrap (empty before it has run)."""
+        return sorted(self.experts_dir.glob("expert_*.safetensors")) if self.experts_dir.is_dir() else []
+
     def summary(self) -> dict:
         """What a viewer can show about the current version: whether one is trained, its number, how many labelled
         studies trained it, the training mode and when it was published."""

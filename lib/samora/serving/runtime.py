@@ -41,7 +41,7 @@ class ModelRuntime:
         self.encoder_calls = 0  # encoded slices; lets tests and logs show the cache working
 
     def _experts_stamp_now(self) -> float | None:
-        files = sorted(self.store.experts_dir.glob("expert_*.safetensors")) if self.store.experts_dir.is_dir() else []
+        files = self.store.expert_files()
         return max((f.stat().st_mtime for f in files), default=None)
 
     def model(self) -> tuple[int, SamoraModel]:
@@ -66,7 +66,7 @@ class ModelRuntime:
     def fresh_model(self) -> SamoraModel:
         """An untrained model with the SSL experts loaded when the bootstrap has produced them."""
         model = SamoraModel(self.settings.model_config())
-        if self.store.experts_dir.is_dir() and any(self.store.experts_dir.glob("expert_*.safetensors")):
+        if self.store.expert_files():
             from samora.ssl.experts_io import load_experts
 
             loaded = load_experts(model, self.store.experts_dir)

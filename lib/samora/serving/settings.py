@@ -10,6 +10,7 @@ from samora.backbones.presets import PRESETS
 from samora.config import DEFAULT_LABELS, ModelConfig
 from samora.data.intensity import IntensityWindow
 from samora.serving.interactive import MIN_PROPAGATION_STABILITY
+from samora.serving.validation import parse_flag
 
 FULL_EPOCHS = 40
 # Cached mode on the demo's 3 labelled phantoms (144 slices, LiteMedSAM, batch 8): training-slice Dice 0.78 after 4
@@ -26,12 +27,10 @@ class SettingsError(ValueError):
 
 
 def _bool(key: str, value: str) -> bool:
-    lowered = str(value).strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"conf {key}: {value!r} is not a boolean (true/false)")
+    flag = parse_flag(value)
+    if flag is None:
+        raise SettingsError(f"conf {key}: {value!r} is not a boolean (true/false)")
+    return flag
 
 
 def parse_labels(value: str | dict) -> dict[str, int]:

@@ -34,17 +34,25 @@ def positive_float_param(params: dict, key: str, default: float) -> float:
     return number
 
 
-def bool_param(params: dict, key: str, default: bool) -> bool:
-    """An optional flag: true/false (JSON), or "true"/"false"/"1"/"0" from a form (bool("false") would be True)."""
-    value = params.get(key, default)
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def parse_flag(value) -> bool | None:
+    """A boolean from JSON or text (bool("false") would be True); None when it is neither."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise UploadError(f"param {key!r} must be true or false, got {value!r}")
+    return True if text in TRUE_WORDS else False if text in FALSE_WORDS else None
+
+
+def bool_param(params: dict, key: str, default: bool) -> bool:
+    """An optional flag of a request: true/false (JSON) or one of TRUE_WORDS / FALSE_WORDS from a form."""
+    value = params.get(key, default)
+    flag = parse_flag(value)
+    if flag is None:
+        raise UploadError(f"param {key!r} must be true or false, got {value!r}")
+    return flag
 
 
 def validate_label_upload(
