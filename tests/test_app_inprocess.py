@@ -112,3 +112,33 @@ def test_a_version_trained_under_another_label_order_is_served_in_the_confs_numb
     assert second["label_names"] == reordered and second["model_version"] == 1
     for name in PHANTOM_LABELS:
         np.testing.assert_array_equal(trained == PHANTOM_LABELS[name], served == reordered[name], err_msg=name)
+
+
+def test_experts_from_a_later_bootstrap_reach_the_next_full_training(tmp_path, monkeypatch):
+    """Version 1 is trained before any SSL expert exists; the bootstrap ends after it; the next `full` training
+    starts from those experts (stage 2 keeps them frozen on a backbone whose experts it does not fine-tune)."""
+    import copy
+
+    import torch
+    from conftest import app_client
+
+    from samora.adapters.experts import expert_parameters
+    from samora.engine.store import ModelStore
+    from samora.ssl.experts_io import load_experts
+
+    conf = {"train_mode": "full", "finetune_experts": "false", "epochs": 1}
+    with app_client(tmp_path, monkeypatch, **conf) as client:
+        assert client.post("/train/samora?run_sync=true", json={}).status_code == 200
+        assert client.post("/train/samora_ssl?run_sync=true", json={}).status_code == 200
+        assert client.post("/train/samora?run_sync=true", json={}).status_code == 200
+    store = ModelStore(tmp_path / "model")
+    version, trained = store.load_current()
+    assert version == 2 and store.expert_files()
+    expected = copy.deepcopy(trained)
+    assert load_experts(expected, store.experts_dir) == ["image", "patch", "pixel"]
+    for level in ("image", "patch", "pixel"):
+        got = expert_parameters(trained.backbone.encoder, level)
+        want = expert_parameters(expected.backbone.encoder, level)
+        assert any(float(p.abs().max()) > 0 for k, p in want.items() if ".lora_B." in k), f"{level}: zero expert"
+        for key, value in want.items():
+            assert torch.equal(got[key], value), f"{level} {key}: version 2 does not carry the bootstrap's expert"

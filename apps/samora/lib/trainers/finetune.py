@@ -16,6 +16,7 @@ from samora.engine.train import FinetuneConfig, finetune, load_labeled_cases
 from samora.serving.labels import remap_by_name
 from samora.serving.runtime import ModelRuntime
 from samora.serving.validation import bool_param, positive_float_param, positive_int_param
+from samora.ssl.experts_io import load_experts
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,23 @@ class SamoraFinetuneTrainer(TrainTask):
             "prompt_training": True,
         }
 
+    def _starting_model(self):
+        """(served version, a copy of it to train), or a fresh model when the conf changed since that version.
+        In `full` mode the SSL experts on disk replace the version's (a bootstrap may have finished after it); in
+        `cached` mode they cannot act (HL-Attn does not train) and would only force every slice to be re-encoded."""
+        version, served = self.runtime.model()
+        model = copy.deepcopy(served)  # never train the object a (sync) server is serving
+        if model.config.to_dict() != self.runtime.settings.model_config().to_dict():
+            # conf changed (labels, preset, size...) since that version: start from experts, not from it
+            log.warning("model version %d was built with another configuration; training a fresh model", version)
+            return version, self.runtime.fresh_model()
+        store = self.runtime.store
+        full = self.runtime.settings.resolved_train_mode() == "full"
+        if version and full and not model.config.finetune_experts and store.expert_files():
+            loaded = load_experts(model, store.experts_dir)
+            log.info("training from model version %d with the SSL experts on disk: %s", version, loaded)
+        return version, model
+
     def stats(self) -> dict:
         return self.stats_file.read()
 
@@ -68,13 +86,7 @@ class SamoraFinetuneTrainer(TrainTask):
         if not cases:
             raise ValueError("no final labels in the datastore: save at least one label before training")
         labels = dict(self.runtime.settings.labels)
-        version, served = self.runtime.model()
-        model = copy.deepcopy(served)  # never train the object a (sync) server is serving
-        wanted = self.runtime.settings.model_config().to_dict()
-        if model.config.to_dict() != wanted:
-            # conf changed (labels, preset, size...) since that version: start from experts, not from it
-            log.warning("model version %d was built with another configuration; training a fresh model", version)
-            model = self.runtime.fresh_model()
+        version, model = self._starting_model()
         config = model.config
         train = load_labeled_cases(
             cases,
