@@ -509,6 +509,10 @@ def test_slice_cache_real_chest_builds_reuses_and_streams(tmp_path: Path, monkey
     # different settings -> different hash -> the (patched) loader is called
     with pytest.raises(AssertionError, match="must not read"):
         SliceCache.build(studies, cache_dir, size=48, progress=False)
+    # so does another default CT window (conf ct_window), which shapes every slice of a CT without its own window
+    monkeypatch.setattr("samora.data.intensity._ct_window", IntensityWindow.from_level_width(50.0, 350.0))
+    with pytest.raises(AssertionError, match="must not read"):
+        SliceCache.build(studies, cache_dir, size=32, progress=False)
     monkeypatch.undo()
 
     dataset = SliceDataset(reopened, transform=lambda t: t * 2.0)

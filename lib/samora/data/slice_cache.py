@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from samora.data.intensity import IntensityWindow, normalise
+from samora.data.intensity import IntensityWindow, default_for, normalise
 from samora.data.slices import CONTEXTS, Letterbox, informative_slices, iter_slice_batches
 from samora.data.volumes import VolumeError, is_dicom_dir, load_volume, volume_suffix
 from samora.io_utils import atomic_write_json
@@ -92,7 +92,8 @@ class SliceCache:
             "format": CACHE_FORMAT,
             "size": int(size),
             "context": context,
-            "window": window.to_dict() if window is not None else None,
+            # without an explicit window the CT default (conf ct_window, process-wide) shapes the slices
+            "window": window.to_dict() if window is not None else {"default_ct": default_for("CT").to_dict()},
             "min_foreground": float(min_foreground),
         }
         data_hash = _data_hash(paths, settings)
