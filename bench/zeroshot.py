@@ -62,6 +62,7 @@ from samora.serving.interactive import (
     decode_slice_prompt,
     mask_stability,
     mask_to_prompt,
+    propagation_limits,
     propagation_threshold,
     refine,
     slice_letterbox,
@@ -329,11 +330,7 @@ def propagated(scan: Scan, roi: tuple[int, ...]) -> tuple[np.ndarray, dict]:
 def stop_reason(scan: Scan, pred: np.ndarray, end: int, step: int, roi: tuple[int, ...] | None) -> dict:
     """Why propagation ended at slice `end` going `step`: refine()'s rules re-applied to the next slice."""
     z, depth = end + step, scan.shape[scan.axis]
-    z_lo, z_hi, within = 0, depth - 1, None
-    if roi is not None and roi[2 * scan.axis] != roi[2 * scan.axis + 1]:  # a 2D box propagates unbounded
-        z_lo, z_hi = roi[2 * scan.axis], roi[2 * scan.axis + 1]
-        rows, cols = in_plane(scan.axis)
-        within = scan.letterbox.box(roi[2 * rows], roi[2 * rows + 1], roi[2 * cols], roi[2 * cols + 1])
+    z_lo, z_hi, within = propagation_limits(Prompt(label=None, roi=roi), scan.axis, depth, scan.letterbox)
     if not z_lo <= z <= z_hi:
         return {"reason": "volume end" if not 0 <= z < depth else "roi end"}
     previous = np.take(pred, end, axis=scan.axis) > 0

@@ -13,7 +13,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from samora.data import VolumeError
-from samora.data.volumes import VolumeTooLarge
+from samora.data.volumes import VolumeTooLarge, volume_suffix
 from samora.serving.interactive import PromptError
 from samora.serving.labels import LabelMappingError
 from samora.serving.validation import UploadError
@@ -22,13 +22,15 @@ log = logging.getLogger(__name__)
 CLIENT_ERRORS = (VolumeError, PromptError, LabelMappingError, UploadError, json.JSONDecodeError, FileNotFoundError)
 
 
-def study_id(path: str | None) -> str:
-    """The datastore id of an image file (its name without the image extension): what a client calls the study."""
-    name = os.path.basename(str(path or "").rstrip(os.sep))
-    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+def study_id(path: str) -> str:
+    """The datastore id of an image file (its name without the volume suffix): what a client calls the study."""
+    name = os.path.basename(str(path).rstrip(os.sep))
+    return name[: len(name) - len(volume_suffix(name))]
+
+
+def infer_errors(task: str, image: str | None):
+    """client_errors for an infer request on `image` (the server's file of the study), naming the study."""
+    return client_errors(f"infer {task} on {study_id(image or '')}", {image: study_id(image)} if image else None)
 
 
 @contextmanager

@@ -230,7 +230,7 @@ def refine(
     letterbox = slice_letterbox(volume.shape, axis, model.config.image_size, volume.affine)
     out = np.zeros(volume.shape, dtype=np.uint8)
     seeds = slice_prompts(prompt, axis, volume.shape, model.config.image_size, volume.affine)
-    z_lo, z_hi, within = _propagation_limits(prompt, axis, volume.shape[axis], letterbox)
+    z_lo, z_hi, within = propagation_limits(prompt, axis, volume.shape[axis], letterbox)
     threshold = propagation_threshold(min_stability, within is not None)
     done: set[int] = set()
 
@@ -268,7 +268,7 @@ def refine(
     return out, {"model_version": version, "slices": sorted(done), "label": prompt.label}
 
 
-def _propagation_limits(
+def propagation_limits(
     prompt: Prompt, axis: int, depth: int, letterbox: Letterbox
 ) -> tuple[int, int, np.ndarray | None]:
     """z range a prompt may propagate over, and the in-plane model box it stays inside (a 3D ROI's)."""

@@ -40,13 +40,7 @@ def remap_model_output(
     the model knows but the served map lacks (written as 0)."""
     if model_labels == served_labels:
         return labels, []
-    served = {name.lower(): idx for name, idx in served_labels.items()}
-    out = np.zeros_like(labels)
-    dropped = []
-    for name, idx in model_labels.items():
-        target = served.get(name.lower())
-        if target is None:
-            dropped.append(name)
-        else:
-            out[labels == idx] = target
-    return out, dropped
+    served = {name.lower() for name in served_labels}
+    dropped = [name for name in model_labels if name.lower() not in served]
+    as_info = [{"name": name, "idx": idx} for name, idx in model_labels.items()]
+    return remap_by_name(labels, as_info, served_labels), dropped

@@ -7,7 +7,7 @@ import time
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.errors import client_errors, study_id
+from lib.errors import infer_errors
 from samora.data import save_label
 from samora.serving.interactive import parse_prompt, refine
 from samora.serving.runtime import ModelRuntime
@@ -38,8 +38,7 @@ class SamoraPrompt(InferTask):
         return info
 
     def __call__(self, request) -> tuple[str, dict]:
-        image = request.get("image")
-        with client_errors(f"infer samora_prompt on {study_id(image)}", {image: study_id(image)} if image else None):
+        with infer_errors("samora_prompt", request.get("image")):
             return self._run(request)
 
     def _run(self, request) -> tuple[str, dict]:

@@ -9,7 +9,7 @@ import time
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.errors import client_errors, study_id
+from lib.errors import infer_errors
 from samora.data import save_label
 from samora.engine.inference import segment_volume
 from samora.serving.labels import remap_model_output
@@ -58,8 +58,7 @@ class SamoraSegmentation(InferTask):
         return info
 
     def __call__(self, request) -> tuple[str, dict]:
-        image = request.get("image")
-        with client_errors(f"infer samora on {study_id(image)}", {image: study_id(image)} if image else None):
+        with infer_errors("samora", request.get("image")):
             return self._run(request)
 
     def _run(self, request) -> tuple[str, dict]:
