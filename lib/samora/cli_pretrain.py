@@ -44,6 +44,13 @@ def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--window", default="auto", choices=_WINDOWS, help="CT intensity window (auto: per modality)")
     p.add_argument("--teacher", default=None, help="optional trained ResNet state dict for image-level distillation")
     p.add_argument("--teacher-arch", default="resnet50", help="torchvision architecture of --teacher")
+    p.add_argument(
+        "--heldout",
+        type=Path,
+        default=None,
+        help="study folder or file held out of training: "
+        "each level's loss on it at step 0 and at the end is recorded in its expert metadata",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_pretrain)
@@ -90,6 +97,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         teacher_arch=args.teacher_arch,
         device=args.device,
         progress=not args.no_progress,
+        heldout=args.heldout,
     )
     for level, s in summaries.items():
         loss = s.get("final_loss")
@@ -98,9 +106,17 @@ def run_pretrain(args: argparse.Namespace) -> int:
             f"{level:<6} {s['status']:<9} steps {s.get('steps')}"
             + (f"  final loss {loss:.4f}" if loss is not None else "")
             + (f"  {speed:.1f} slices/s" if speed else "")
+            + _heldout_text(s.get("heldout"))
         )
     print(f"experts, loss logs and loss_curves.png in {args.out}")
     return 0 if all(s["status"] in ("finished", "skipped") for s in summaries.values()) else 1
+
+
+def _heldout_text(record: dict | None) -> str:
+    """'  held-out 0.91 -> 0.80 (x0.88)' when the level was evaluated on held-out studies."""
+    if not record or record.get("step0_loss") is None:
+        return ""
+    return f"  held-out {record['step0_loss']:.4f} -> {record['end_loss']:.4f} (x{record['end_over_step0']:.3f})"
 
 
 def _window(name: str) -> IntensityWindow | None:

@@ -8,7 +8,7 @@ its own random draw and worker processes can share the work.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -26,7 +26,14 @@ from monai.transforms import (
     Resize,
 )
 
-__all__ = ["SeededAugment", "contrastive_views", "denoising_corruption", "geometric_jitter", "single_thread"]
+__all__ = [
+    "SeededAugment",
+    "contrastive_views",
+    "denoising_corruption",
+    "geometric_jitter",
+    "prepare_batch",
+    "single_thread",
+]
 
 
 class SeededAugment:
@@ -64,6 +71,17 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def prepare_batch(
+    slices: Sequence[torch.Tensor],
+    preparer: Callable[[torch.Tensor, int], tuple[torch.Tensor, ...]],
+    keys: Sequence[tuple[int, int]],
+) -> tuple[torch.Tensor, ...]:
+    """Prepare slices[i] with seed s for each (i, s) in `keys`; each part of the samples stacked into a batch."""
+    with single_thread():
+        samples = [preparer(slices[i], seed) for i, seed in keys]
+        return tuple(torch.stack(parts) for parts in zip(*samples, strict=True))
 
 
 def _plain(x: object) -> torch.Tensor:

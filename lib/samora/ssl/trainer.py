@@ -27,7 +27,7 @@ from samora.adapters.experts import expert_parameters, expert_state, load_expert
 from samora.config import EXPERTS, ModelConfig
 from samora.io_utils import atomic_write, atomic_write_json
 from samora.plots import plot_loss_curves, read_loss_log
-from samora.ssl.augment import single_thread
+from samora.ssl.augment import prepare_batch
 from samora.ssl.experts_io import (
     ExpertFileError,
     check_compatible,
@@ -36,6 +36,7 @@ from samora.ssl.experts_io import (
     save_expert,
     verify_expert,
 )
+from samora.ssl.heldout import heldout_loss, heldout_record
 from samora.ssl.objectives import OBJECTIVES, SSLObjective, build_objective, load_teacher
 
 __all__ = [
@@ -75,6 +76,7 @@ class SSLSettings:
     grad_clip: float | None = 1.0
     seed: int = 0
     num_workers: int = 0
+    heldout_slices: int | None = None  # held-out evaluation on at most this many evenly spaced slices (None: all)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -165,9 +167,7 @@ class _BatchMaker(Dataset):
         return len(self.slices)
 
     def __getitem__(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
-        with single_thread():
-            samples = [self.preparer(self.slices[i], seed) for i, seed in keys]
-            return tuple(torch.stack(parts) for parts in zip(*samples, strict=True))
+        return prepare_batch(self.slices, self.preparer, keys)
 
 
 # ----- checkpoints ------------------------------------------------------------------------------------------------
@@ -223,10 +223,13 @@ def train_expert(
     objective_options: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
     metadata: dict[str, Any] | None = None,
+    heldout: Any = None,
 ) -> dict[str, Any]:
     """Train `level`'s expert for `total_steps` (resuming from its checkpoint if there is one); returns a summary.
 
     Writes the loss log, checkpoints every `settings.checkpoint_every` steps and at the end, then the expert file.
+    `heldout`: a SliceCache of studies that take no part in training; the objective's loss on it is measured
+    before the first step and at the end, and recorded in the summary and the expert metadata ("heldout").
     `on_step(level, step, total, loss)` is called after every step (after its checkpoint, if any); `stop()`
     returning True checkpoints and returns early with status "stopped".
     """
@@ -280,6 +283,7 @@ def train_expert(
         _truncate_log(losses_path, step)
     elif losses_path.exists():
         losses_path.unlink()  # a log without a usable checkpoint belongs to a run that never reached one
+    heldout_start = _heldout_start(model, objective, heldout, state, step, settings, log) if heldout else None
 
     def save_checkpoint(done: int, elapsed: float) -> None:
         state = {
@@ -296,6 +300,8 @@ def train_expert(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
+            # the step-0 value cannot be measured again after a resume, so it travels with the checkpoint
+            "heldout": {"data_hash": heldout.data_hash, "step0_loss": heldout_start} if heldout else None,
         }
         atomic_write(ckpt, lambda tmp: torch.save(state, tmp))
 
@@ -372,6 +378,10 @@ def train_expert(
     }
     if status == "finished":
         save_checkpoint(step, elapsed_before + seconds)
+        if heldout is not None:
+            end = heldout_loss(model, objective, heldout, settings.batch_size, max_slices=settings.heldout_slices)
+            summary["heldout"] = heldout_record(heldout, heldout_start, end, settings)
+            log(f"[{level}] held-out loss on {heldout.study_ids}: {_format(heldout_start)} at step 0 -> {end:.4f}")
         meta = {
             "objective": OBJECTIVES[level],
             "objective_settings": objective.settings(),
@@ -384,6 +394,7 @@ def train_expert(
             "n_slices": n,
             "optimisation": asdict(settings),
             "model_config": model.config.to_dict(),
+            **({"heldout": summary["heldout"]} if "heldout" in summary else {}),
             **(metadata or {}),
         }
         summary["expert_file"] = str(expert_paths(out_dir, level)[0])
@@ -399,6 +410,29 @@ def _param_groups(expert: dict[str, nn.Parameter], objective: SSLObjective, weig
     for _, p in objective.named_parameters():
         (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _heldout_start(
+    model: nn.Module,
+    objective: SSLObjective,
+    heldout: Any,
+    state: dict[str, Any] | None,
+    step: int,
+    settings: SSLSettings,
+    log: Callable[[str], None],
+) -> float | None:
+    """The held-out loss before the first step: measured now on a fresh run, read from the checkpoint on a resume."""
+    if step == 0:
+        return heldout_loss(model, objective, heldout, settings.batch_size, max_slices=settings.heldout_slices)
+    stored = (state or {}).get("heldout") or {}
+    if stored.get("data_hash") == heldout.data_hash and stored.get("step0_loss") is not None:
+        return float(stored["step0_loss"])
+    log(f"[{model.stage}] resumed without a step-0 held-out loss for these studies; only the end value is measured")
+    return None
+
+
+def _format(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _check_checkpoint(state: Any, path: Path, level: str, signature: dict) -> str:
@@ -465,12 +499,16 @@ def pretrain(
     teacher_arch: str = "resnet50",
     objective_options: dict[str, dict[str, Any]] | None = None,
     model: nn.Module | None = None,
+    heldout: str | Path | Sequence[str | Path] | Any = None,
+    heldout_slices: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train the requested experts in the order image, patch, pixel; finished levels are skipped, others resume.
 
     `studies`: a folder of studies, a list of study paths, an existing slice-cache folder, or a SliceCache. New
     caches go to OUT/cache. Writes OUT/expert_<level>.{safetensors,json}, OUT/loss_<level>.jsonl,
     OUT/loss_curves.png and OUT/pretrain_summary.json. Returns a summary per level.
+    `heldout`: studies (same forms as `studies`, cached in OUT/heldout_cache) that take no part in training; each
+    level's loss on them at step 0 and at the end goes into its summary and expert metadata.
     """
     from samora.model import SamoraModel
 
@@ -480,7 +518,12 @@ def pretrain(
         raise ValueError(f"levels must be a non-empty subset of {EXPERTS}, got {list(levels)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache = _resolve_cache(studies, out_dir, config, window, progress)
+    cache = _resolve_cache(studies, out_dir / "cache", config, window, progress)
+    heldout_cache = None
+    if heldout is not None:
+        heldout_cache = _resolve_cache(heldout, out_dir / "heldout_cache", config, window, progress)
+        if heldout_cache.data_hash == cache.data_hash:
+            raise ValueError("the held-out studies are the training studies; hold out studies that SSL does not see")
     if model is None:
         model = SamoraModel(config)
     elif model.config.to_dict() != config.to_dict():
@@ -494,6 +537,7 @@ def pretrain(
         checkpoint_every=checkpoint_every,
         seed=seed,
         num_workers=num_workers,
+        heldout_slices=heldout_slices,
     )
     total = total_steps_for(len(cache), batch_size, epochs, max_steps)
     order = [lv for lv in EXPERTS if lv in levels]
@@ -537,6 +581,7 @@ def pretrain(
             objective_options=(objective_options or {}).get(level),
             device=device,
             metadata=extra,
+            heldout=heldout_cache,
         )
         if summaries[level]["status"] == "stopped":
             break
@@ -569,7 +614,7 @@ def _finished_expert(out_dir: Path, level: str, model: nn.Module) -> dict[str, A
     return meta
 
 
-def _resolve_cache(studies: Any, out_dir: Path, config: ModelConfig, window: Any, progress: bool) -> Any:
+def _resolve_cache(studies: Any, cache_dir: Path, config: ModelConfig, window: Any, progress: bool) -> Any:
     """A SliceCache at the model's size and context from whatever `studies` is."""
     from samora.data import SliceCache, discover_studies
 
@@ -586,7 +631,7 @@ def _resolve_cache(studies: Any, out_dir: Path, config: ModelConfig, window: Any
         if not paths:
             raise FileNotFoundError(f"no studies found in {studies}")
         cache = SliceCache.build(
-            paths, out_dir / "cache", size=config.image_size, context=config.context, window=window, progress=progress
+            paths, cache_dir, size=config.image_size, context=config.context, window=window, progress=progress
         )
     if cache.size != config.image_size or cache.context != config.context:
         raise ValueError(
