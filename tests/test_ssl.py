@@ -356,7 +356,7 @@ def test_cli_pretrain_writes_experts_logs_and_plot(shared_data, tmp_path):
     cmd = [
         sys.executable, "-m", "samora.cli", "pretrain", "--studies", str(shared_data / "ct_chest_totalseg"),
         "--preset", "tiny", "--max-steps", "30", "--out", str(out), "--image-size", str(SIZE), "--batch-size", "4",
-        "--no-progress",
+        "--no-progress", "--heldout", str(shared_data / HELDOUT_STUDY),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as in-process (see one_thread)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -367,6 +367,9 @@ def test_cli_pretrain_writes_experts_logs_and_plot(shared_data, tmp_path):
         meta = json.loads((out / f"expert_{level}.json").read_text())
         assert meta["steps"] == 30 and meta["study_ids"] == ["aorta_crop", "pulmonary_crop"]
         assert len((out / f"loss_{level}.jsonl").read_text().splitlines()) == 30
+        assert meta["heldout"]["n_slices"] == 13 and meta["heldout"]["end_loss"] > 0
+    summary_lines = [line for line in result.stdout.splitlines() if "final loss" in line]
+    assert len(summary_lines) == 3 and all("held-out" in line for line in summary_lines)
     assert (out / "cache" / "index.json").is_file()
     png = (out / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
