@@ -427,7 +427,7 @@ def _heldout_start(
     stored = (state or {}).get("heldout") or {}
     if stored.get("data_hash") == heldout.data_hash and stored.get("step0_loss") is not None:
         return float(stored["step0_loss"])
-    log(f"[{model.stage}] resumed without a step-0 held-out loss for these studies; only the end value is measured")
+    log(f"[{objective.level}] resumed without a step-0 held-out loss for these studies; only the end value is measured")
     return None
 
 
