@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `samora` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for a relaunch under torchrun (--nproc)
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:

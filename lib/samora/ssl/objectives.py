@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samora.distributed.context import context, gather_rows
 from samora.ssl.augment import SeededAugment, contrastive_views, denoising_corruption, geometric_jitter
 
 __all__ = [
@@ -227,8 +228,11 @@ class ContrastiveObjective(SSLObjective):
         b = view1.shape[0]
         views = torch.cat([view1, view2])
         pooled = model.encode(views).mean(dim=(2, 3))
-        z = self.projector(pooled)
-        contrastive = nt_xent(z[:b], z[b:], self.temperature)
+        # Batch norm and the negatives see the global batch when several ranks train (one process: unchanged).
+        ctx = context()
+        z = self.projector(torch.cat([gather_rows(pooled[:b], ctx), gather_rows(pooled[b:], ctx)]))
+        half = z.shape[0] // 2
+        contrastive = nt_xent(z[:half], z[half:], self.temperature)
         out = {"loss": contrastive, "ntxent": contrastive.detach()}
         teacher = self.teacher
         if teacher is not None and self.distill is not None:
