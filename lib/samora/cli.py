@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=_make_sample_data)
     __import__("samora.cli_pretrain", fromlist=["add_pretrain_parser"]).add_pretrain_parser(sub)
+    __import__("samora.cli_finetune", fromlist=["add_finetune_parser"]).add_finetune_parser(sub)
     return parser
 
 

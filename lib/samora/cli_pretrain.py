@@ -63,13 +63,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise ValueError(f"--levels: {args.levels!r} must be a comma-separated subset of {','.join(EXPERTS)}")
     if not args.studies.exists():
         raise FileNotFoundError(f"--studies: {args.studies} does not exist")
-    config = ModelConfig(
-        preset=args.preset,
-        image_size=args.image_size,
-        checkpoint=args.checkpoint,
-        expert_rank=args.rank,
-        context=args.context,
-    )
+    config = model_config(args, expert_rank=args.rank)
     if args.preset != "tiny" and args.checkpoint is None:
         print(
             f"samora: warning: preset {args.preset!r} without --checkpoint trains experts on a RANDOM backbone",
@@ -112,6 +106,13 @@ def _pretrain(pretrain, args: argparse.Namespace, config: ModelConfig, levels: l
         teacher_arch=args.teacher_arch,
         device=args.device,
         progress=not args.no_progress,
+    )
+
+
+def model_config(args: argparse.Namespace, **extra) -> ModelConfig:
+    """The ModelConfig of the backbone options shared by `pretrain` and `finetune`."""
+    return ModelConfig(
+        preset=args.preset, image_size=args.image_size, checkpoint=args.checkpoint, context=args.context, **extra
     )
 
 

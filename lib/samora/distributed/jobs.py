@@ -13,7 +13,9 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,11 +30,33 @@ log = logging.getLogger(__name__)
 JOB_FILE, PROGRESS_FILE, RESULT_FILE = "job.json", "progress.json", "result.json"
 
 
-def run_finetune_job(job_dir: Path, plan: ProcessPlan, model, train, val, config, callbacks: dict[str, Callable]):
-    """Stage 2 on `plan.nproc` ranks; returns (trained model, finetune's result). `callbacks`: on_epoch, on_encode."""
+def run_finetune_job(jobs_root: Path, plan: ProcessPlan, model, train, val, config, callbacks: dict[str, Callable]):
+    """Stage 2 on `plan.nproc` ranks; returns (trained model, finetune's result). `callbacks`: on_epoch, on_encode.
+    The job's folder (under `jobs_root`, which every rank must see) is removed afterwards."""
+    with _job_folder(jobs_root) as job_dir:
+        return _finetune_job(job_dir, plan, model, train, val, config, callbacks)
+
+
+def run_pretrain_job(jobs_root: Path, plan: ProcessPlan, arguments: dict[str, Any], on_step: Callable | None):
+    """`samora.ssl.pretrain(**arguments)` on `plan.nproc` ranks; returns its summaries."""
+    with _job_folder(jobs_root) as job_dir:
+        _write_job(job_dir, {"kind": "pretrain", "arguments": arguments})
+        return _run(job_dir, plan, {"on_step": on_step} if on_step else {})
+
+
+@contextmanager
+def _job_folder(jobs_root: Path) -> Iterator[Path]:
+    Path(jobs_root).mkdir(parents=True, exist_ok=True)
+    job_dir = Path(tempfile.mkdtemp(prefix="job-", dir=jobs_root))
+    try:
+        yield job_dir
+    finally:
+        shutil.rmtree(job_dir, ignore_errors=True)  # its inputs are copies; the outputs have been read
+
+
+def _finetune_job(job_dir: Path, plan: ProcessPlan, model, train, val, config, callbacks: dict[str, Callable]):
     from samora.model import SamoraModel
 
-    job_dir.mkdir(parents=True)
     model.save(job_dir / "model")
     train.save(job_dir / "train")
     if val is not None and len(val):
@@ -41,13 +65,6 @@ def run_finetune_job(job_dir: Path, plan: ProcessPlan, model, train, val, config
     _write_job(job_dir, {"kind": "finetune", "config": asdict(config), "checkpoint": checkpoint})
     result = _run(job_dir, plan, callbacks)
     return SamoraModel.load(job_dir / "trained", checkpoint=checkpoint, map_location=config.device), result
-
-
-def run_pretrain_job(job_dir: Path, plan: ProcessPlan, arguments: dict[str, Any], on_step: Callable | None):
-    """`samora.ssl.pretrain(**arguments)` on `plan.nproc` ranks; returns its summaries."""
-    job_dir.mkdir(parents=True)
-    _write_job(job_dir, {"kind": "pretrain", "arguments": arguments})
-    return _run(job_dir, plan, {"on_step": on_step} if on_step else {})
 
 
 def _write_job(job_dir: Path, job: dict) -> None:
@@ -119,11 +136,6 @@ def main(argv: list[str]) -> int:
     job = json.loads((job_dir / JOB_FILE).read_text())
     {"finetune": _finetune_rank, "pretrain": _pretrain_rank}[job["kind"]](job_dir, job)
     return 0
-
-
-def remove_job(job_dir: Path) -> None:
-    """Delete a finished (or failed) job's folder: its inputs are copies."""
-    shutil.rmtree(job_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
