@@ -1,0 +1,94 @@
+"""Training throughput on 1 and N processes (torchrun, DDP; gloo on CPU, NCCL on GPUs): global slices per second of
+an SSL expert (`samora pretrain --nproc N`) and of stage 2 in full mode (`samora finetune --nproc N`), same global
+batch. Writes docs/results/distributed.json and prints a markdown table.
+
+    python bench/distributed.py [--nproc 1 2] [--steps 20] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, command_line, machine_info, md_table, now_utc, write_json
+
+from samora.data import PHANTOM_LABELS, write_phantom_studies
+
+SIZE = 128
+
+
+def _samora(args: list[str]) -> float:
+    """Run a `samora` command; wall seconds."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "lib"), os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "samora.cli", *args], check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def ssl_rate(studies: Path, out: Path, nproc: int, steps: int, batch: int, device: str) -> float:
+    """Slices/s of the pixel-level expert's loop (rank 0's timing of the steps, start-up excluded)."""
+    _samora(["pretrain", "--studies", str(studies), "--out", str(out), "--image-size", str(SIZE), "--levels", "pixel",
+             "--max-steps", str(steps), "--batch-size", str(batch), "--no-progress", "--device", device,
+             "--nproc", str(nproc)])  # fmt: skip
+    return json.loads((out / "pretrain_summary.json").read_text())["levels"]["pixel"]["slices_per_second"]
+
+
+def finetune_rate(studies: Path, out: Path, nproc: int, epochs: int, batch: int, device: str) -> float:
+    """Slices/s of stage 2 in full mode: slices trained over the epochs' time (evaluation included)."""
+    _samora(["finetune", "--studies", str(studies), "--out", str(out), "--image-size", str(SIZE), "--mode", "full",
+             "--labels", json.dumps(PHANTOM_LABELS), "--epochs", str(epochs), "--batch-size", str(batch),
+             "--device", device, "--nproc", str(nproc)])  # fmt: skip
+    meta = json.loads(next((out / "versions").glob("v*/model.json")).read_text())
+    history = meta["history"]
+    slices = len(json.loads((out / "finetune_slices" / "case_ids.json").read_text())) * len(history)
+    return round(slices / history[-1]["elapsed_s"], 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=20, help="SSL steps per run")
+    parser.add_argument("--epochs", type=int, default=2, help="stage-2 epochs per run")
+    parser.add_argument("--batch-size", type=int, default=8, help="global batch")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "distributed.json")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="samora-bench-dist-") as tmp:
+        studies = Path(tmp) / "studies"
+        write_phantom_studies(studies, n_labeled=2, n_unlabeled=2, seed=3, shape=(128, 128, 32))
+        for n in args.nproc:
+            ssl = ssl_rate(studies, Path(tmp) / f"ssl{n}", n, args.steps, args.batch_size, args.device)
+            stage2 = finetune_rate(studies, Path(tmp) / f"ft{n}", n, args.epochs, args.batch_size, args.device)
+            rows.append({"processes": n, "ssl_slices_per_s": ssl, "finetune_full_slices_per_s": stage2})
+            print(f"{n} process(es): SSL {ssl} slices/s, stage 2 (full) {stage2} slices/s", flush=True)
+    record = {
+        "date": now_utc(),
+        "command": command_line(),
+        "machine": machine_info(workers=max(args.nproc), threads=1),
+        "setup": {
+            "preset": "tiny",
+            "image_size": SIZE,
+            "global_batch": args.batch_size,
+            "device": args.device,
+            "ssl_level": "pixel",
+            "ssl_steps": args.steps,
+            "finetune_epochs": args.epochs,
+            "data": "4 synthetic phantom CTs 128x128x32 (2 labelled)",
+        },
+        "rows": rows,
+    }
+    write_json(args.out, record)
+    table = [[r["processes"], r["ssl_slices_per_s"], r["finetune_full_slices_per_s"]] for r in rows]
+    print(md_table(["processes", "SSL slices/s", "stage 2 full slices/s"], table))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
