@@ -85,9 +85,34 @@ def main() -> None:
         "rows": rows,
     }
     write_json(args.out, record)
-    table = [[r["processes"], r["ssl_slices_per_s"], r["finetune_full_slices_per_s"]] for r in rows]
-    print(md_table(["processes", "SSL slices/s", "stage 2 full slices/s"], table))
+    print(render_markdown(record))
     print(f"written {args.out}")
+
+
+def render_markdown(record: dict) -> str:
+    """The benchmarks.md section of a distributed.json record."""
+    machine, setup = record["machine"], record["setup"]
+    table = [[r["processes"], r["ssl_slices_per_s"], r["finetune_full_slices_per_s"]] for r in record["rows"]]
+    return "\n".join(
+        [
+            "## 8. Several training processes (torchrun, DDP)",
+            "",
+            f"`{record['command']}` on {machine['cpu']}, {machine['cpu_cores_usable']} usable CPU cores, torch "
+            f"{machine['torch']}, {record['date']}. GPU: {machine['gpu']}. Global batch {setup['global_batch']} split "
+            f"over the processes (gloo on CPU, one torch thread per process on this machine), `{setup['preset']}` "
+            f"preset at {setup['image_size']} px, {setup['data']}. SSL: the {setup['ssl_level']} expert, "
+            f"{setup['ssl_steps']} steps (rank 0's loop time). Stage 2: `full` mode, {setup['finetune_epochs']} "
+            "epochs (training slices over the epochs' time, evaluation included).",
+            "",
+            md_table(["processes", "SSL slices/s", "stage 2 full slices/s"], table),
+            "",
+            "On a 2-core CPU, two processes compete for the same cores that one process with two threads already "
+            "uses, and add gradient all-reduces and output gathers: no speed-up is expected here, and this row only "
+            "shows the cost of the multi-process path. The gain is meant for one process per GPU; no GPU was lent "
+            "for this measurement, so GPU rows are not measured.",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

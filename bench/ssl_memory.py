@@ -105,5 +105,23 @@ def main() -> None:
     )
 
 
+def render_markdown(record: dict) -> str:
+    """The benchmarks.md lines of an ssl_memory.json record."""
+    peaks = record["peak_rss_mb"]
+    counts = ", ".join(f"{n} studies {mb:.0f} MB" for n, mb in peaks.items())
+    return "\n".join(
+        [
+            "### 8.1 SSL memory against the number of studies",
+            "",
+            f"`{record['command']}` ({record['date']}): peak RSS of one `samora pretrain` process (slice-cache build "
+            f"+ {record['setup']['steps']} pixel-level steps at {record['setup']['image_size']} px), "
+            f"{record['setup']['studies']}: {counts}; difference {100 * record['relative_difference']:+.1f}%. "
+            "Slices stream from the memory-mapped cache, so the dataset's size hardly shows; most of the peak is "
+            "torch, MONAI and the model.",
+            "",
+        ]
+    )
+
+
 if __name__ == "__main__":
     main()
