@@ -2,7 +2,7 @@
 an SSL expert (`samora pretrain --nproc N`) and of stage 2 in full mode (`samora finetune --nproc N`), same global
 batch. Writes docs/results/distributed.json and prints a markdown table.
 
-    python bench/distributed.py [--nproc 1 2] [--steps 20] [--device cpu]
+    python bench/distributed.py [--runs 1x2 1x1 2x1] [--steps 20] [--device cpu]   # processes x threads each
 """
 
 from __future__ import annotations
@@ -23,27 +23,28 @@ from samora.data import PHANTOM_LABELS, write_phantom_studies
 SIZE = 128
 
 
-def _samora(args: list[str]) -> float:
-    """Run a `samora` command; wall seconds."""
+def _samora(args: list[str], threads: int) -> float:
+    """Run a `samora` command with `threads` torch threads per process; wall seconds."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "lib"), os.environ.get("PYTHONPATH")]))}
+    env["OMP_NUM_THREADS"] = str(threads)  # torchrun's ranks get cores / processes (samora.distributed.launch)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "samora.cli", *args], check=True, env=env, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
-def ssl_rate(studies: Path, out: Path, nproc: int, steps: int, batch: int, device: str) -> float:
+def ssl_rate(studies: Path, out: Path, nproc: int, threads: int, steps: int, batch: int, device: str) -> float:
     """Slices/s of the pixel-level expert's loop (rank 0's timing of the steps, start-up excluded)."""
     _samora(["pretrain", "--studies", str(studies), "--out", str(out), "--image-size", str(SIZE), "--levels", "pixel",
              "--max-steps", str(steps), "--batch-size", str(batch), "--no-progress", "--device", device,
-             "--nproc", str(nproc)])  # fmt: skip
+             "--nproc", str(nproc)], threads)  # fmt: skip
     return json.loads((out / "pretrain_summary.json").read_text())["levels"]["pixel"]["slices_per_second"]
 
 
-def finetune_rate(studies: Path, out: Path, nproc: int, epochs: int, batch: int, device: str) -> float:
+def finetune_rate(studies: Path, out: Path, nproc: int, threads: int, epochs: int, batch: int, device: str) -> float:
     """Slices/s of stage 2 in full mode: slices trained over the epochs' time (evaluation included)."""
     _samora(["finetune", "--studies", str(studies), "--out", str(out), "--image-size", str(SIZE), "--mode", "full",
              "--labels", json.dumps(PHANTOM_LABELS), "--epochs", str(epochs), "--batch-size", str(batch),
-             "--device", device, "--nproc", str(nproc)])  # fmt: skip
+             "--device", device, "--nproc", str(nproc)], threads)  # fmt: skip
     meta = json.loads(next((out / "versions").glob("v*/model.json")).read_text())
     history = meta["history"]
     slices = len(json.loads((out / "finetune_slices" / "case_ids.json").read_text())) * len(history)
@@ -52,7 +53,12 @@ def finetune_rate(studies: Path, out: Path, nproc: int, epochs: int, batch: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["1x2", "1x1", "2x1"],
+        help="processes x torch threads per process (a process count above 1 gets cores / processes threads)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="SSL steps per run")
     parser.add_argument("--epochs", type=int, default=2, help="stage-2 epochs per run")
     parser.add_argument("--batch-size", type=int, default=8, help="global batch")
@@ -60,18 +66,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "distributed.json")
     args = parser.parse_args()
     rows = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="samora-bench-dist-") as tmp:
         studies = Path(tmp) / "studies"
         write_phantom_studies(studies, n_labeled=2, n_unlabeled=2, seed=3, shape=(128, 128, 32))
-        for n in args.nproc:
-            ssl = ssl_rate(studies, Path(tmp) / f"ssl{n}", n, args.steps, args.batch_size, args.device)
-            stage2 = finetune_rate(studies, Path(tmp) / f"ft{n}", n, args.epochs, args.batch_size, args.device)
-            rows.append({"processes": n, "ssl_slices_per_s": ssl, "finetune_full_slices_per_s": stage2})
-            print(f"{n} process(es): SSL {ssl} slices/s, stage 2 (full) {stage2} slices/s", flush=True)
+        for run in args.runs:
+            n, threads = (int(v) for v in run.split("x"))
+            ssl = ssl_rate(studies, Path(tmp) / f"ssl{run}", n, threads, args.steps, args.batch_size, args.device)
+            stage2 = finetune_rate(
+                studies, Path(tmp) / f"ft{run}", n, threads, args.epochs, args.batch_size, args.device
+            )
+            row = {"processes": n, "threads_per_process": threads, "ssl_slices_per_s": ssl}
+            rows.append({**row, "finetune_full_slices_per_s": stage2})
+            print(f"{n} process(es) x {threads} thread(s): SSL {ssl} slices/s, stage 2 {stage2} slices/s", flush=True)
     record = {
         "date": now_utc(),
         "command": command_line(),
-        "machine": machine_info(workers=max(args.nproc), threads=1),
+        "machine": machine_info(workers=max(r["processes"] for r in rows), threads=rows[-1]["threads_per_process"]),
         "setup": {
             "preset": "tiny",
             "image_size": SIZE,
@@ -83,6 +94,7 @@ def main() -> None:
             "data": "4 synthetic phantom CTs 128x128x32 (2 labelled)",
         },
         "rows": rows,
+        "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
     }
     write_json(args.out, record)
     print(render_markdown(record))
@@ -92,20 +104,25 @@ def main() -> None:
 def render_markdown(record: dict) -> str:
     """The benchmarks.md section of a distributed.json record."""
     machine, setup = record["machine"], record["setup"]
-    table = [[r["processes"], r["ssl_slices_per_s"], r["finetune_full_slices_per_s"]] for r in record["rows"]]
+    table = [
+        [r["processes"], r["threads_per_process"], r["ssl_slices_per_s"], r["finetune_full_slices_per_s"]]
+        for r in record["rows"]
+    ]
     return "\n".join(
         [
             "## 8. Several training processes (torchrun, DDP)",
             "",
             f"`{record['command']}` on {machine['cpu']}, {machine['cpu_cores_usable']} usable CPU cores, torch "
             f"{machine['torch']}, {record['date']}. GPU: {machine['gpu']}. Global batch {setup['global_batch']} split "
-            f"over the processes (gloo on CPU, one torch thread per process on this machine), `{setup['preset']}` "
+            f"over the processes (gloo on CPU), `{setup['preset']}` "
             f"preset at {setup['image_size']} px, {setup['data']}. SSL: the {setup['ssl_level']} expert, "
             f"{setup['ssl_steps']} steps (rank 0's loop time). Stage 2: `full` mode, {setup['finetune_epochs']} "
             "epochs (training slices over the epochs' time, evaluation included).",
             "",
-            md_table(["processes", "SSL slices/s", "stage 2 full slices/s"], table),
+            md_table(["processes", "torch threads each", "SSL slices/s", "stage 2 full slices/s"], table),
             "",
+            f"Load average (1 min) {record['load_average_1min']['before']} before, "
+            f"{record['load_average_1min']['after']} after: other jobs shared the cores during the run. "
             "On a 2-core CPU, two processes compete for the same cores that one process with two threads already "
             "uses, and add gradient all-reduces and output gathers: no speed-up is expected here, and this row only "
             "shows the cost of the multi-process path. The gain is meant for one process per GPU; no GPU was lent "

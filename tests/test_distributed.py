@@ -123,3 +123,15 @@ def test_app_trainer_takes_a_multi_gpu_request_on_a_cpu_machine(tmp_path, monkey
     reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training processes:")]
     expected = "2 gloo CPU processes" if cpu_processes else "training in one process"
     assert reasons and expected in reasons[0], reasons
+
+
+def test_finetune_cli_publishes_a_version_and_refuses_nproc_0(studies, tmp_path, capsys):
+    common = ["finetune", "--studies", str(studies), "--out", str(tmp_path / "model"), "--image-size", str(SIZE)]
+    common += ["--labels", "liver=1,spleen=2,kidney_left=3,kidney_right=4,spine=5", "--epochs", "1", "--device", "cpu"]
+    assert samora_cli([*common, "--nproc", "0"]) == 2
+    assert "--nproc must be a positive integer" in capsys.readouterr().err
+    assert samora_cli(common) == 0
+    from samora.engine.store import ModelStore
+
+    version, model = ModelStore(tmp_path / "model").load_current()
+    assert version == 1 and model.config.labels["spine"] == 5

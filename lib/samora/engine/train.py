@@ -17,7 +17,15 @@ import torch
 from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandScaleIntensityd
 
 from samora.data import IntensityWindow, Letterbox, load_label, load_volume, normalise, slice_stack
-from samora.distributed.context import DistContext, any_rank, context, gather_rows, mean_over_ranks, wrap_ddp
+from samora.distributed.context import (
+    DistContext,
+    any_rank,
+    context,
+    gather_rows,
+    mean_over_ranks,
+    shard_rows,
+    wrap_ddp,
+)
 from samora.engine.losses import PromptLoss, SegmentationLoss
 from samora.engine.prompts import simulate_prompt
 from samora.io_utils import atomic_save_npy, atomic_write_json
@@ -345,8 +353,8 @@ def _rank_rows(batch: np.ndarray, ctx: DistContext) -> tuple[np.ndarray, list[in
     """Positions in the global batch of this rank's rows (DistributedSampler's interleaving), padded with
     position 0 to the largest rank's count so that every rank runs the same shapes; and every rank's real count."""
     positions = np.arange(len(batch))
-    counts = [len(positions[r :: ctx.world_size]) for r in range(ctx.world_size)]
-    mine = positions[ctx.rank :: ctx.world_size]
+    counts = [len(shard_rows(positions, DistContext(r, ctx.world_size))) for r in range(ctx.world_size)]
+    mine = np.asarray(shard_rows(positions, ctx), dtype=np.int64)
     return np.concatenate([mine, np.zeros(max(counts) - len(mine), dtype=np.int64)]), counts
 
 
