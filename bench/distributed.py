@@ -123,10 +123,11 @@ def render_markdown(record: dict) -> str:
             "",
             f"Load average (1 min) {record['load_average_1min']['before']} before, "
             f"{record['load_average_1min']['after']} after: other jobs shared the cores during the run. "
-            "On a 2-core CPU, two processes compete for the same cores that one process with two threads already "
-            "uses, and add gradient all-reduces and output gathers: no speed-up is expected here, and this row only "
-            "shows the cost of the multi-process path. The gain is meant for one process per GPU; no GPU was lent "
-            "for this measurement, so GPU rows are not measured.",
+            "On these 2 shared cores the multi-process path costs throughput rather than adding it: two ranks share "
+            "the cores one process already fills, and each step adds a gradient all-reduce and (stage 2) an output "
+            "gather over gloo. A single process with 2 threads suffers most from the other jobs' load (spinning "
+            "threads). The gain is meant for one process per GPU; no GPU was lent for this measurement, so GPU rows "
+            "are not measured.",
             "",
         ]
     )

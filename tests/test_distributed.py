@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from samora.cli import main as samora_cli
-from samora.config import ModelConfig
+from samora.config import EXPERTS, ModelConfig
 from samora.data import PHANTOM_LABELS, write_phantom_studies
 from samora.distributed import ProcessPlan, plan_processes
 from samora.distributed.jobs import run_finetune_job
@@ -110,7 +110,7 @@ def test_process_plan_refuses_bad_requests_and_falls_back_without_gpus():
 @pytest.mark.parametrize("cpu_processes", [0, 2])
 def test_app_trainer_takes_a_multi_gpu_request_on_a_cpu_machine(tmp_path, monkeypatch, caplog, cpu_processes):
     """{"gpus": "all", "multi_gpu": true} without a GPU: one process with the reason logged, or (conf
-    dist_cpu_processes 2) two gloo processes; a version is published either way."""
+    dist_cpu_processes 2) two gloo processes; a version is published and the SSL experts written either way."""
     from conftest import app_client
 
     caplog.set_level(logging.INFO)
@@ -120,6 +120,12 @@ def test_app_trainer_takes_a_multi_gpu_request_on_a_cpu_machine(tmp_path, monkey
         assert r.json()["model_version"] == 1 and r.json()["processes"] == max(1, cpu_processes)
         bad = client.post("/train/samora?run_sync=true", json={"gpus": [7], "multi_gpu": True})
         assert bad.status_code == 422 and "gpus" in bad.text
+        ssl = client.post("/train/samora_ssl?run_sync=true", json={"gpus": "all", "multi_gpu": "true"})
+        assert ssl.status_code == 200, ssl.text
+        assert ssl.json()["processes"] == max(1, cpu_processes)
+        assert {level: s["steps"] for level, s in ssl.json()["levels"].items()} == dict.fromkeys(EXPERTS, 4)
+    experts = sorted(p.name for p in (tmp_path / "model" / "experts").glob("expert_*.safetensors"))
+    assert experts == [f"expert_{level}.safetensors" for level in sorted(EXPERTS)]
     reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training processes:")]
     expected = "2 gloo CPU processes" if cpu_processes else "training in one process"
     assert reasons and expected in reasons[0], reasons
