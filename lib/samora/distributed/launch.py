@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from samora.distributed.plan import ProcessPlan
+from samora.distributed.context import rank_device, under_torchrun
+from samora.distributed.plan import ProcessPlan, plan_processes
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,6 @@ def relaunch_cli(nproc: int, device: str | None, argv: Sequence[str]) -> bool:
 
     Inside torchrun (started here or by the user with rendezvous arguments for several nodes) the command runs
     as one rank and `--nproc` is ignored: torchrun's own arguments decide the job's size."""
-    from samora.distributed.context import rank_device, under_torchrun
-    from samora.distributed.plan import plan_processes
-
     plan = plan_processes(device or rank_device(None), nproc=nproc)
     if not plan.launches or under_torchrun():
         return False
