@@ -43,23 +43,25 @@ def studies(tmp_path_factory):
     return folder
 
 
-def test_ssl_expert_on_two_processes_equals_one(studies, tmp_path):
-    """Pixel-level expert, 4 steps of global batch 4: `--nproc 2` (2 gloo ranks of 2 slices each, DDP-averaged
-    gradients) ends where one process ends; only rank 0 writes, so both folders hold the same files."""
-    common = ["pretrain", "--studies", str(studies), "--image-size", str(SIZE), "--levels", "pixel"]
-    common += ["--max-steps", "4", "--batch-size", "4", "--no-progress", "--device", "cpu"]
+def test_ssl_experts_on_two_processes_equal_one(studies, tmp_path):
+    """Each expert, 4 steps of global batch 4: `--nproc 2` (2 gloo ranks of 2 slices each, DDP-averaged gradients;
+    the image level's batch norm and NT-Xent negatives on the gathered batch; the patch level's masks drawn for the
+    global batch) ends where one process ends. Only rank 0 writes, so both folders hold the same files."""
+    common = ["pretrain", "--studies", str(studies), "--image-size", str(SIZE), "--max-steps", "4"]
+    common += ["--batch-size", "4", "--no-progress", "--device", "cpu", "--checkpoint-every", "2"]
     assert samora_cli([*common, "--out", str(tmp_path / "one")]) == 0
     assert samora_cli([*common, "--out", str(tmp_path / "two"), "--nproc", "2"]) == 0
-    one, two = (load_file(tmp_path / d / "expert_pixel.safetensors") for d in ("one", "two"))
-    untrained = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in one.items()}
-    assert _distance(one, untrained) > 0  # the expert did move in 4 steps
-    assert _relative_difference(one, two) < RTOL
+    for level in EXPERTS:
+        one, two = (load_file(tmp_path / d / f"expert_{level}.safetensors") for d in ("one", "two"))
+        untrained = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in one.items()}
+        assert _distance(one, untrained) > 0, level  # the expert did move in 4 steps
+        assert _relative_difference(one, two) < RTOL, level
+        logs = [(tmp_path / d / f"loss_{level}.jsonl").read_text().splitlines() for d in ("one", "two")]
+        assert len(logs[0]) == len(logs[1]) == 4  # one log, not one per rank
     files = {
         d: sorted(p.relative_to(tmp_path / d).as_posix() for p in (tmp_path / d).rglob("*")) for d in ("one", "two")
     }
     assert files["one"] == files["two"]
-    logs = [(tmp_path / d / "loss_pixel.jsonl").read_text().splitlines() for d in ("one", "two")]
-    assert len(logs[0]) == len(logs[1]) == 4  # one log, not one per rank
 
 
 @pytest.mark.parametrize("mode", ["cached", "full"])
