@@ -15,6 +15,7 @@ import samora
 from lib.activelearning.uncertainty import UncertaintyStrategy
 from lib.background import end_tasks_on_stop, enter_background, is_task_subprocess
 from lib.datastore import SamoraDatastore
+from lib.dicomweb import SamoraDicomWebDatastore
 from lib.errors import install_form_json_handler
 from lib.failures import training_failure_report
 from lib.infers.prompt import SamoraPrompt
@@ -70,9 +71,11 @@ class SamoraApp(MONAILabelApp):
         )
 
     def init_datastore(self):
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()  # DICOMweb: labels go back as DICOM SEG through MONAI Label
         from monailabel.config import settings
+
+        if self.studies.startswith(("http://", "https://")):
+            # a PACS: checked series in, labels back as highdicom SEG (see lib/dicomweb.py for why not MONAI Label's)
+            return SamoraDicomWebDatastore(self.studies.rstrip("/"), labels=dict(self.settings.labels))
 
         return SamoraDatastore(
             self.studies,
