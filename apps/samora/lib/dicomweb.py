@@ -86,7 +86,7 @@ class SamoraDicomWebDatastore(DICOMWebDatastore):
         nifti = os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz")
         if os.path.exists(nifti):
             return nifti
-        with client_errors(f"series {image_id}"):
+        with client_errors(f"image {image_id}"):
             study = check_image_series(self._client, image_id)
             folder = self.series_dir(image_id)
             if not os.path.isdir(folder) or not os.listdir(folder):
