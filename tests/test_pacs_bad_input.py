@@ -4,20 +4,25 @@ had, and the server goes on answering. Tiny random preset: the checks run before
 from __future__ import annotations
 
 import copy
+import gzip
+import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
+import nrrd
 import numpy as np
 import pydicom
 import pytest
+import requests
 from app_helpers import ServerProcess, app_conf, start_server, stop_server
 from dicom_helpers import orthanc_binary, start_orthanc, stop_orthanc
 from monailabel.client.client import MONAILabelClientException
 from pydicom.uid import generate_uid
 
-from samora.data.dicom_grid import read_series_headers
-from samora.data.dicom_seg import Segment, write_seg
+from samora.data.dicom_grid import read_series_headers, volume_to_frames
+from samora.data.dicom_seg import Segment, read_seg, write_seg
 
 pytestmark = [
     pytest.mark.e2e,
@@ -138,3 +143,49 @@ def test_client_seg_of_the_series_is_accepted(setup):
     upload = _seg_file(setup, headers, "right_series")
     setup["server"].client.save_label(str(headers[0].SeriesInstanceUID), str(upload), tag="final")
     assert len(setup["orthanc"].instances()) == before + 1
+
+
+def _infer_form(setup, model: str, image: str, output: str, params: dict) -> requests.Response:
+    url = f"{setup['server'].url}/infer/{model}"
+    form = {"params": json.dumps(params)}
+    return requests.post(url, params={"image": image, "output": output}, data=form, timeout=300)
+
+
+def test_infer_as_dicom_seg_is_written_by_highdicom(setup):
+    """/infer?output=dicom_seg: a SEG of the series (MONAI Label's own path needs dcmqi, not installed), equal to
+    the NIfTI result of the same request; a malformed label_info is a 422 naming it."""
+    headers = read_series_headers(setup["source"])
+    uid = str(headers[0].SeriesInstanceUID)
+    params = {**BOX, "label_info": [{"name": "liver", "idx": 1}]}
+    answer = _infer_form(setup, "samora_prompt", uid, "dicom_seg", params)
+    assert answer.status_code == 200, answer.text
+    seg = pydicom.dcmread(io.BytesIO(answer.content))
+    image = nib.load(str(setup["source"].parent / "image.nii.gz"))
+    volume, info = read_seg(seg, headers, image.affine, image.shape)
+    assert info == [{"name": "liver", "idx": 1}]
+    as_nifti = _infer_form(setup, "samora_prompt", uid, "image", params)
+    assert as_nifti.status_code == 200, as_nifti.text
+    expected = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(as_nifti.content)).dataobj)
+    np.testing.assert_array_equal(volume, expected)
+
+    bad = _infer_form(setup, "samora_prompt", uid, "dicom_seg", {**BOX, "label_info": "liver"})
+    assert bad.status_code == 422 and "label_info must be a list" in bad.text, bad.text
+    assert setup["server"].client.info()["name"] == "SAMora"
+
+
+def test_infer_as_nrrd_is_in_the_series_frame_order(setup):
+    """What OHIF's panel asks for: uint8 raw NRRD, columns fastest, frames ascending along the normal."""
+    headers = read_series_headers(setup["source"])
+    uid = str(headers[0].SeriesInstanceUID)
+    params = {**BOX, "result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False}
+    answer = _infer_form(setup, "samora_prompt", uid, "image", params)
+    assert answer.status_code == 200, answer.text
+    path = setup["tmp"] / "result.nrrd"
+    path.write_bytes(answer.content)
+    frames, header = nrrd.read(str(path), index_order="C")
+    assert header["type"] == "uint8" and header["encoding"] == "raw" and frames.shape == (3, 512, 512)
+    np.testing.assert_allclose(header["space origin"], [float(v) for v in headers[0].ImagePositionPatient])
+    as_nifti = _infer_form(setup, "samora_prompt", uid, "image", {k: v for k, v in params.items() if "result" not in k})
+    expected = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(as_nifti.content)).dataobj)
+    image = nib.load(str(setup["source"].parent / "image.nii.gz"))
+    np.testing.assert_array_equal(frames, volume_to_frames(expected, image.affine, headers))

@@ -28,7 +28,8 @@ from lib.dicomweb_checks import check_image_series
 from lib.errors import client_errors
 from samora.data import load_volume, save_image, save_label
 from samora.data.dicom_grid import read_series_headers
-from samora.data.dicom_seg import Segment, read_seg, write_seg
+from samora.data.dicom_seg import SegError, Segment, read_seg, write_seg
+from samora.data.series_nrrd import write_series_nrrd
 from samora.serving.validation import validate_label_upload
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,17 @@ def dicomweb_client(url: str) -> DICOMwebClientX:
         wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
         stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
     )
+
+
+def install_seg_output(datastore: SamoraDicomWebDatastore) -> None:
+    """Answer /infer?output=dicom_seg with `datastore`'s highdicom writer: MONAI Label's endpoint calls dcmqi's
+    itkimage2segimage, which is not installed (its own DICOMweb datastore downloads it at start)."""
+    from monailabel.endpoints import infer as endpoint
+
+    def convert(series_folder: str, result_file: str, label_info, use_itk: bool = True) -> str:
+        return datastore.result_as_seg(series_folder, result_file, label_info)
+
+    endpoint.nifti_to_dicom_seg = convert
 
 
 def colour_of(name: str) -> tuple[int, int, int]:
@@ -97,6 +109,24 @@ class SamoraDicomWebDatastore(DICOMWebDatastore):
             LocalDatastore.add_image(self, image_id, str(converted), self._dicom_info(image_id))
         return nifti
 
+    def result_as_series_nrrd(self, image_id: str, result_file: str, compress: bool = False) -> str:
+        """An infer result (NIfTI on the image grid) as an NRRD in the series' frame order, for OHIF's panel."""
+        labels = load_volume(result_file, check=False)
+        with client_errors(f"result for {image_id}"):
+            headers = read_series_headers(self.series_dir(image_id))
+            out = tempfile.NamedTemporaryFile(suffix=".nrrd", delete=False).name
+            return write_series_nrrd(labels.array.round(), labels.affine, headers, out, compress)
+
+    def result_as_seg(self, series_folder: str, result_file: str, label_info: list[dict] | None) -> str:
+        """An infer result as a DICOM SEG file of the series in `series_folder` (for /infer?output=dicom_seg)."""
+        labels = load_volume(result_file, check=False)
+        with client_errors(f"SEG of {os.path.basename(series_folder)}"):
+            headers = read_series_headers(series_folder)
+            seg = write_seg(labels.array.round(), labels.affine, headers, self._segments(label_info), "SAMora result")
+        out = tempfile.NamedTemporaryFile(suffix=".dcm", delete=False).name
+        seg.save_as(out)
+        return out
+
     # ------------------------------------------------------------------------------------------------ labels
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict, label_id: str = ""):
@@ -127,6 +157,10 @@ class SamoraDicomWebDatastore(DICOMWebDatastore):
 
     def _segments(self, label_info: list[dict] | None) -> list[Segment]:
         """One segment per label_info entry (the viewer's numbering), else one per configured label."""
+        if label_info is not None and not (
+            isinstance(label_info, list) and all(isinstance(e, dict) for e in label_info)
+        ):
+            raise SegError(f"label_info must be a list of {{'name', 'idx'}} objects, not {label_info!r:.200}")
         named = [(e["name"], int(e["idx"])) for e in label_info or [] if "name" in e and "idx" in e]
         pairs = named or list(self.samora_labels.items())
         return [Segment(value, str(name), colour_of(str(name))) for name, value in pairs]
