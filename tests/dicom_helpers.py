@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -13,9 +14,13 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import requests
-from app_helpers import ROOT, free_port
+from app_helpers import ROOT, ServerProcess, free_port, wait_for
+from monailabel.client.client import MONAILabelClientException
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from samora.data import load_volume
+from samora.data.dicom_grid import read_series_headers
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -138,3 +143,43 @@ def stop_orthanc(orthanc: Orthanc) -> None:
     assert result.returncode == 0, result.stderr
     if pid is not None:
         assert not Path(f"/proc/{pid}").exists(), f"Orthanc pid {pid} still runs after scripts/orthanc.sh stop"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a first model version for a server on a PACS
+
+
+def save_liver_label(server: ServerProcess, dicom: Path, label_nifti: Path, tmp: Path) -> None:
+    """Save the liver (value 1) of `label_nifti` as the final label of the series in `dicom` (stored as a SEG)."""
+    series = load_volume(dicom)
+    label = nib.load(str(label_nifti))
+    assert np.allclose(label.affine, series.affine, atol=1e-3), "the label is not on the series' grid"
+    liver = (np.asarray(label.dataobj) == 1).astype(np.uint8)
+    path = tmp / "liver_label.nii.gz"
+    nib.save(nib.Nifti1Image(liver, series.affine), str(path))
+    uid = str(read_series_headers(dicom)[0].SeriesInstanceUID)
+    server.client.save_label(uid, str(path), tag="final", params={"label_info": [{"name": "liver", "idx": 1}]})
+
+
+# Cached training on the 3-slice CT's liver (LiteMedSAM): training-slice Dice 0.90 after 5 epochs of 3 one-slice
+# steps at lr 1e-3, 0.0 after 12 epochs of one 3-slice step; the prompt path is left as it is (it is not compared).
+QUICK_TRAINING = {"epochs": 6, "batch_size": 1, "prompt_training": False}
+
+
+def train_first_version(server: ServerProcess, params: dict = QUICK_TRAINING, timeout: float = 600) -> float:
+    """Train `samora` on the server's final labels until model version 1 exists; returns the seconds it took."""
+    start = time.monotonic()
+    server.client.train_start("samora", dict(params))
+    task = wait_for(lambda: _train_done(server), bool, timeout)
+    assert task["status"] == "DONE", f"{task.get('details')}\n{server.log_tail()}"
+    stats = server.client.info()["train_stats"]["samora"]
+    assert stats["model_version"] == 1, stats
+    return time.monotonic() - start
+
+
+def _train_done(server: ServerProcess) -> dict | None:
+    try:
+        task = server.client.train_status()
+    except MONAILabelClientException:
+        return None
+    return task if task and task.get("status") in ("DONE", "ERROR") else None

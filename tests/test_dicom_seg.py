@@ -16,6 +16,7 @@ from skimage.color import lab2rgb
 from samora.data import load_volume
 from samora.data.dicom_grid import GridMismatch, read_series_headers, volume_to_frames
 from samora.data.dicom_seg import SegError, Segment, read_seg, write_seg
+from samora.data.series_nrrd import write_series_nrrd
 
 SEGMENTS = [
     Segment(1, "liver", (221, 130, 101)),
@@ -134,3 +135,21 @@ def test_written_ct_series_has_the_nifti_geometry(shared_data, tmp_path):
     expected_affine[:3, 3] = img.affine[:3, :3] @ [0, 0, 50] + img.affine[:3, 3]
     frames = volume_to_frames(slab, expected_affine, read_series_headers(folder))
     np.testing.assert_array_equal(volume_to_frames(volume.array, volume.affine, read_series_headers(folder)), frames)
+
+
+def test_series_nrrd_lies_on_the_ct_as_itk_reads_it(ct3, shared_data, tmp_path):
+    """The NRRD for OHIF: its bytes in the series' frame order and its header on the CT's geometry as ITK/GDCM read
+    the series itself (not samora's reader): the liver label falls on soft tissue, the spine label on bone."""
+    path = write_series_nrrd(ct3["labels"], ct3["affine"], ct3["headers"], tmp_path / "labels.nrrd")
+    labels = sitk.ReadImage(path)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(shared_data / "ct_3slice_dcmqi" / "dicom")))
+    ct = reader.Execute()
+    np.testing.assert_allclose(labels.GetOrigin(), ct.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(labels.GetSpacing(), ct.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(labels.GetDirection(), ct.GetDirection(), atol=1e-6)
+    values, hu = sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(ct)
+    assert values.dtype == np.uint8 and values.shape == hu.shape == (3, 512, 512)
+    assert 0 < hu[values == 1].mean() < 100 and hu[values == 2].mean() > 200  # liver ~40 HU, thoracic spine bone
+    with pytest.raises(ValueError, match="uint8"):
+        write_series_nrrd(ct3["labels"] * 100, ct3["affine"], ct3["headers"], tmp_path / "big.nrrd")
