@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import active_learning
+import distributed
 import efficiency
 import fewshot
 import mim_reference
 import numpy as np
+import ssl_memory
 from common import (
     PSEUDO_LABEL_NOTE,
     RANDOM_BACKBONE_NOTE,
@@ -440,6 +442,10 @@ def compose(
         lines += [load_markdown(read_json(results / "load.json"))]
     if (results / "mim_reference.json").exists():
         lines += [mim_reference.render_markdown(read_json(results / "mim_reference.json"))]
+    if (results / "distributed.json").exists():
+        lines += [distributed.render_markdown(read_json(results / "distributed.json"))]
+    if (results / "ssl_memory.json").exists():
+        lines += [ssl_memory.render_markdown(read_json(results / "ssl_memory.json"))]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -21,6 +21,22 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 
+# The PACS tests and scripts/orthanc.sh need a real Orthanc with DICOMweb and a browser for OHIF: Debian's packages.
+missing=()
+command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing Debian packages: ${missing[*]}" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "[setup] warning: missing ${missing[*]} (PACS/OHIF tests will skip); as root: apt-get install ${missing[*]}" >&2
+  fi
+fi
+
 stamp="$VENV/.samora-requirements.sha256"
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

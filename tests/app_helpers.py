@@ -89,6 +89,7 @@ def monailabel_env(work: Path, **overrides: str) -> dict[str, str]:
             "MONAI_LABEL_TRACKING_ENABLED": "false",
             "MONAI_LABEL_SESSION_PATH": str(work / "sessions"),
             "MONAI_LABEL_DATASTORE_CACHE_PATH": str(work / "cache"),
+            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "dicomweb_cache"),  # else ~/.cache, one folder per URL
             "PYTHONUNBUFFERED": "1",
         }
     )

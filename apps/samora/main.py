@@ -15,6 +15,7 @@ import samora
 from lib.activelearning.uncertainty import UncertaintyStrategy
 from lib.background import end_tasks_on_stop, enter_background, is_task_subprocess
 from lib.datastore import SamoraDatastore
+from lib.dicomweb import SamoraDicomWebDatastore, install_seg_output
 from lib.errors import install_form_json_handler
 from lib.failures import training_failure_report
 from lib.infers.prompt import SamoraPrompt
@@ -70,9 +71,11 @@ class SamoraApp(MONAILabelApp):
         )
 
     def init_datastore(self):
-        if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()  # DICOMweb: labels go back as DICOM SEG through MONAI Label
         from monailabel.config import settings
+
+        if self.studies.startswith(("http://", "https://")):
+            # a PACS: checked series in, labels back as highdicom SEG (see lib/dicomweb.py for why not MONAI Label's)
+            return SamoraDicomWebDatastore(self.studies.rstrip("/"), labels=dict(self.settings.labels))
 
         return SamoraDatastore(
             self.studies,
@@ -98,6 +101,8 @@ class SamoraApp(MONAILabelApp):
     def on_init_complete(self):
         super().on_init_complete()
         install_form_json_handler()  # malformed `params` JSON: 422, not MONAI Label's 500
+        if isinstance(self.datastore(), SamoraDicomWebDatastore):
+            install_seg_output(self.datastore())
         if self.settings.bootstrap != "auto":
             return
         store = self.runtime.store
@@ -118,6 +123,19 @@ class SamoraApp(MONAILabelApp):
         if not has_experts and self.datastore().get_unlabeled_images():
             log.info("bootstrap: no SSL experts yet and unlabeled studies exist; queueing samora_ssl")
             self.async_training("samora_ssl", enqueue=True)
+
+    def infer(self, request, datastore=None):
+        result = super().infer(request, datastore)
+        store = datastore or self.datastore()
+        # OHIF's panel asks for NRRD and copies its bytes into its labelmap: give it the series' frame order
+        if request.get("result_extension") == ".nrrd" and isinstance(store, SamoraDicomWebDatastore) and result["file"]:
+            nifti = result["file"]
+            compress = str(request.get("result_compress", False)).lower() == "true"  # OHIF sends false
+            result["file"] = store.result_as_series_nrrd(request["image"], nifti, compress)
+            if result["label"] == nifti:  # not saved in the datastore: the label is the file itself
+                result["label"] = result["file"]
+            os.remove(nifti)
+        return result
 
     def train(self, request):
         with training_failure_report(request.get("model"), self._trainers.get(request.get("model"))):

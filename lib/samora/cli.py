@@ -76,12 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=_make_sample_data)
     __import__("samora.cli_pretrain", fromlist=["add_pretrain_parser"]).add_pretrain_parser(sub)
+    __import__("samora.cli_finetune", fromlist=["add_finetune_parser"]).add_finetune_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `samora` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for a relaunch under torchrun (--nproc)
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:

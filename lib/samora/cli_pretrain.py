@@ -53,12 +53,15 @@ def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_nproc_argument(p)
     p.set_defaults(func=run_pretrain)
     return p
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
     """Handler of `samora pretrain`."""
+    from samora.distributed import process_group
+    from samora.distributed.launch import relaunch_cli
     from samora.ssl import pretrain
 
     levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
@@ -67,19 +70,33 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise ValueError(f"--levels: {args.levels!r} must be a comma-separated subset of {','.join(EXPERTS)}")
     if not args.studies.exists():
         raise FileNotFoundError(f"--studies: {args.studies} does not exist")
-    config = ModelConfig(
-        preset=args.preset,
-        image_size=args.image_size,
-        checkpoint=args.checkpoint,
-        expert_rank=args.rank,
-        context=args.context,
-    )
+    config = model_config(args, expert_rank=args.rank)
     if args.preset != "tiny" and args.checkpoint is None:
         print(
             f"samora: warning: preset {args.preset!r} without --checkpoint trains experts on a RANDOM backbone",
             file=sys.stderr,
         )
-    summaries = pretrain(
+    if relaunch_cli(args.nproc, args.device, args.argv):
+        return 0
+    with process_group(args.device) as ctx:
+        summaries = _pretrain(pretrain, args, config, levels)
+    if not ctx.is_main:
+        return 0
+    for level, s in summaries.items():
+        loss = s.get("final_loss")
+        speed = s.get("slices_per_second")
+        print(
+            f"{level:<6} {s['status']:<9} steps {s.get('steps')}"
+            + (f"  final loss {loss:.4f}" if loss is not None else "")
+            + (f"  {speed:.1f} slices/s" if speed else "")
+            + _heldout_text(s.get("heldout"))
+        )
+    print(f"experts, loss logs and loss_curves.png in {args.out}")
+    return 0 if all(s["status"] in ("finished", "skipped") for s in summaries.values()) else 1
+
+
+def _pretrain(pretrain, args: argparse.Namespace, config: ModelConfig, levels: list[str]) -> dict:
+    return pretrain(
         args.studies,
         args.out,
         config,
@@ -99,17 +116,24 @@ def run_pretrain(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         heldout=args.heldout,
     )
-    for level, s in summaries.items():
-        loss = s.get("final_loss")
-        speed = s.get("slices_per_second")
-        print(
-            f"{level:<6} {s['status']:<9} steps {s.get('steps')}"
-            + (f"  final loss {loss:.4f}" if loss is not None else "")
-            + (f"  {speed:.1f} slices/s" if speed else "")
-            + _heldout_text(s.get("heldout"))
-        )
-    print(f"experts, loss logs and loss_curves.png in {args.out}")
-    return 0 if all(s["status"] in ("finished", "skipped") for s in summaries.values()) else 1
+
+
+def model_config(args: argparse.Namespace, **extra) -> ModelConfig:
+    """The ModelConfig of the backbone options shared by `pretrain` and `finetune`."""
+    return ModelConfig(
+        preset=args.preset, image_size=args.image_size, checkpoint=args.checkpoint, context=args.context, **extra
+    )
+
+
+def add_nproc_argument(parser: argparse.ArgumentParser) -> None:
+    """`--nproc N`: train in N torchrun processes on this node (one per GPU, or gloo CPU processes)."""
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this node: one per GPU with --device cuda, else gloo CPU processes (default: 1). "
+        "For several nodes run this command under torchrun with rendezvous arguments instead",
+    )
 
 
 def _heldout_text(record: dict | None) -> str:

@@ -50,3 +50,14 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
             f.write("\n")
 
     return atomic_write(path, _write)
+
+
+def atomic_save_npy(path: str | os.PathLike, array: Any) -> Path:
+    """np.save into `path` atomically."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
+            np.save(f, np.ascontiguousarray(array))
+
+    return atomic_write(path, write)

@@ -13,13 +13,24 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from samora.data import VolumeError
+from samora.data.dicom_grid import GridMismatch
+from samora.data.dicom_seg import SegError
 from samora.data.volumes import VolumeTooLarge, volume_suffix
 from samora.serving.interactive import PromptError
 from samora.serving.labels import LabelMappingError
 from samora.serving.validation import UploadError
 
 log = logging.getLogger(__name__)
-CLIENT_ERRORS = (VolumeError, PromptError, LabelMappingError, UploadError, json.JSONDecodeError, FileNotFoundError)
+CLIENT_ERRORS = (
+    VolumeError,
+    PromptError,
+    LabelMappingError,
+    UploadError,
+    GridMismatch,
+    SegError,
+    json.JSONDecodeError,
+    FileNotFoundError,
+)
 
 
 def study_id(path: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samora.io_utils import atomic_write
+from samora.io_utils import atomic_save_npy
 from samora.model import SamoraModel
 
 log = logging.getLogger(__name__)
@@ -65,30 +65,50 @@ class EmbeddingStore:
         on_progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """(n, C, h, w) float16 embeddings of (n, 3, S, S) slices; only slices not on disk yet are encoded."""
+        keys, missing = self.encode_missing(model, images, batch_size, device, on_progress)
+        embeddings = np.stack([self._load(model, images, keys, i, device) for i in range(len(keys))])
+        if missing:
+            self.prune()
+        return embeddings
+
+    def encode_missing(
+        self,
+        model: SamoraModel,
+        images: np.ndarray,
+        batch_size: int = 1,
+        device: str | torch.device = "cpu",
+        on_progress: Callable[[int, int], None] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> tuple[list[str], int]:
+        """Encode the slices not on disk yet, or with several ranks this rank's share of them (every
+        world_size-th); returns every slice's key and how many were missing."""
         self.directory.mkdir(parents=True, exist_ok=True)
         keys = [slice_key(image) for image in images]
         missing = [i for i, key in enumerate(keys) if not self._path(key).is_file()]
         if missing and len(images) > 1:
             log.info("encoding %d of %d slices (the rest are cached in %s)", len(missing), len(keys), self.directory)
+        mine = missing[rank::world_size]
         model.eval()
-        for done, start in enumerate(range(0, len(missing), batch_size)):
+        for done, start in enumerate(range(0, len(mine), batch_size)):
             # checked again per chunk: another process sharing the folder may have encoded it meanwhile
-            chunk = [i for i in missing[start : start + batch_size] if not self._path(keys[i]).is_file()]
+            chunk = [i for i in mine[start : start + batch_size] if not self._path(keys[i]).is_file()]
             if chunk:
                 self._encode(model, images, keys, chunk, device)
             if on_progress is not None:
-                on_progress(min((done + 1) * batch_size, len(missing)), len(missing))
-        embeddings = np.stack([self._load(model, images, keys, i, device) for i in range(len(keys))])
-        if missing:
-            self.prune()
-        return embeddings
+                on_progress(min((done + 1) * batch_size, len(mine)), len(mine))
+        return keys, len(missing)
+
+    def stored(self, model: SamoraModel, images: np.ndarray, keys: list[str], device="cpu") -> StoredEmbeddings:
+        """The slices' embeddings read from disk on access (encode_missing first)."""
+        return StoredEmbeddings(self, model, images, keys, device)
 
     def _encode(self, model: SamoraModel, images: np.ndarray, keys: list[str], chunk: list[int], device) -> None:
         x = torch.as_tensor(images[chunk], dtype=torch.float32, device=device)
         with torch.no_grad():
             embeddings = model.encode(x).cpu().numpy().astype(np.float16)
         for i, embedding in zip(chunk, embeddings, strict=True):
-            atomic_write(self._path(keys[i]), lambda tmp, e=embedding: _save_npy(tmp, e))
+            atomic_save_npy(self._path(keys[i]), embedding)
 
     def _load(self, model: SamoraModel, images: np.ndarray, keys: list[str], i: int, device) -> np.ndarray:
         try:
@@ -124,7 +144,16 @@ class EmbeddingStore:
         return self.directory / f"{key}.npy"
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
-    # through a file object: np.save would append ".npy" to the temporary name
-    with open(path, "wb") as f:
-        np.save(f, array)
+class StoredEmbeddings:
+    """Embeddings of a slice set indexed like an array but read from the store per access, so a training holds
+    one batch of them in memory whatever the size of the dataset."""
+
+    def __init__(self, store: EmbeddingStore, model: SamoraModel, images: np.ndarray, keys: list[str], device) -> None:
+        self.store, self.model, self.images, self.keys, self.device = store, model, images, keys, device
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.atleast_1d(np.arange(len(self.keys))[index])
+        return np.stack([self.store._load(self.model, self.images, self.keys, int(i), self.device) for i in rows])

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandScaleIntensityd
 
 from samora.data import IntensityWindow, Letterbox, load_label, load_volume, normalise, slice_stack
+from samora.distributed.context import (
+    DistContext,
+    any_rank,
+    context,
+    gather_rows,
+    mean_over_ranks,
+    shard_rows,
+    wrap_ddp,
+)
 from samora.engine.losses import PromptLoss, SegmentationLoss
 from samora.engine.prompts import simulate_prompt
+from samora.io_utils import atomic_save_npy, atomic_write_json
 from samora.model import SamoraModel
 
 log = logging.getLogger(__name__)
@@ -80,6 +92,21 @@ class LabeledSlices:
         """Slices at the given indices."""
         idx = np.asarray(indices, dtype=np.int64)
         return LabeledSlices(self.images[idx], self.labels[idx], [self.case_ids[i] for i in idx])
+
+    def save(self, directory: str | Path) -> None:
+        """Write the slices as .npy files (case ids last), so that training processes can memory-map them."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in ("images", "labels"):
+            atomic_save_npy(directory / f"{name}.npy", getattr(self, name))
+        atomic_write_json(directory / "case_ids.json", self.case_ids)
+
+    @classmethod
+    def open(cls, directory: str | Path) -> LabeledSlices:
+        """Slices written by `save`, memory-mapped read-only: each process pages in the batches it reads."""
+        directory = Path(directory)
+        images, labels = (np.load(directory / f"{name}.npy", mmap_mode="r") for name in ("images", "labels"))
+        return cls(images, labels, json.loads((directory / "case_ids.json").read_text()))
 
 
 def slices_from_arrays(
@@ -259,35 +286,82 @@ def _optimizer(model: SamoraModel, config: FinetuneConfig) -> torch.optim.Optimi
 
 
 def _embed_for_training(
-    model: SamoraModel, data: LabeledSlices | None, config: FinetuneConfig, root: str, on_progress=None
+    model: SamoraModel, data: LabeledSlices | None, config: FinetuneConfig, root: str, ctx: DistContext, on_progress
 ):
-    """Cached-mode embeddings of `data` (None when there is no such set)."""
+    """Cached-mode embeddings of `data`, read from disk per batch (None when there is no such set). Each rank
+    encodes its share of the missing slices into the shared folder; all then read every slice from it."""
     if data is None or not len(data):
         return None
     from samora.engine.embeddings import EmbeddingStore
 
-    return EmbeddingStore(root, model).embed(model, data.images, device=config.device, on_progress=on_progress)
+    store = EmbeddingStore(root, model)
+    keys, _ = store.encode_missing(
+        model, data.images, device=config.device, on_progress=on_progress, rank=ctx.rank, world_size=ctx.world_size
+    )
+    if ctx.enabled:
+        torch.distributed.barrier()  # every rank's share is on disk
+    return store.stored(model, data.images, keys, config.device)
+
+
+def _sample_seed(seed: int, step: int, position: int) -> int:
+    """Augmentation seed of one sample: its global batch position, not its rank, so any process count agrees."""
+    return int(np.random.SeedSequence([seed, step, position]).generate_state(1)[0])
 
 
 class _Batches:
-    """Training batches: images through augmentation and the encoder ("full") or cached embeddings ("cached")."""
+    """Training inputs: images (augmented, "full") for the encoder, or cached embeddings ("cached")."""
 
-    def __init__(self, model: SamoraModel, train: LabeledSlices, config: FinetuneConfig, embeddings) -> None:
-        self.model, self.train, self.config, self.embeddings = model, train, config, embeddings
+    def __init__(self, train: LabeledSlices, config: FinetuneConfig, embeddings) -> None:
+        self.train, self.config, self.embeddings = train, config, embeddings
         self.augment = _augmenter(config.seed) if config.augment and embeddings is None else None
         self.device = torch.device(config.device)
 
-    def __call__(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embedding, labels) of one batch."""
+    def __call__(self, idx: np.ndarray, seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encoder input or embedding, labels) of one batch."""
         y = torch.as_tensor(self.train.labels[idx].astype(np.int64))
         if self.embeddings is not None:
             return torch.as_tensor(self.embeddings[idx], dtype=torch.float32, device=self.device), y.to(self.device)
         x = torch.as_tensor(self.train.images[idx], dtype=torch.float32)
         if self.augment is not None:
-            pairs = [self.augment({"image": x[i], "label": y[i][None].float()}) for i in range(len(idx))]
+            pairs = []
+            for i, seed in enumerate(seeds):
+                self.augment.set_random_state(seed=seed)
+                pairs.append(self.augment({"image": x[i], "label": y[i][None].float()}))
             x = torch.stack([torch.as_tensor(p["image"]) for p in pairs]).clamp(0, 1)
             y = torch.stack([torch.as_tensor(p["label"])[0] for p in pairs]).round().long()
-        return self.model.encode(x.to(self.device)), y.to(self.device)
+        return x.to(self.device), y.to(self.device)
+
+
+class _StepModule(torch.nn.Module):
+    """One step's forward as a module for DistributedDataParallel: encoder ("full") and head, plus the prompt
+    path's loss on this rank's real rows, so that every trained parameter is used inside forward."""
+
+    def __init__(self, model: SamoraModel, encode: bool, prompt_loss: PromptLoss | None, prompt_slices) -> None:
+        super().__init__()
+        self.model, self.encode, self.prompt_loss, self.prompt_slices = model, encode, prompt_loss, prompt_slices
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, real: int, rng: np.random.Generator):
+        emb = self.model.encode(x) if self.encode else x
+        out = self.model.decode(emb)
+        extra = None
+        if self.prompt_loss is not None and real:
+            extra = _prompt_loss(self.model, emb[:real], y[:real].cpu(), rng, self.prompt_loss, self.prompt_slices)
+        return out, extra
+
+
+def _rank_rows(batch: np.ndarray, ctx: DistContext) -> tuple[np.ndarray, list[int]]:
+    """Positions in the global batch of this rank's rows (DistributedSampler's interleaving), padded with
+    position 0 to the largest rank's count so that every rank runs the same shapes; and every rank's real count."""
+    positions = np.arange(len(batch))
+    counts = [len(shard_rows(positions, DistContext(r, ctx.world_size))) for r in range(ctx.world_size)]
+    mine = np.asarray(shard_rows(positions, ctx), dtype=np.int64)
+    return np.concatenate([mine, np.zeros(max(counts) - len(mine), dtype=np.int64)]), counts
+
+
+def _gathered(out: dict[str, torch.Tensor], y: torch.Tensor, counts: list[int], ctx: DistContext):
+    """Head outputs and labels of the whole global batch (the pooled Dice needs all of them)."""
+    keys = ("logits", "low_res_logits")
+    return {k: gather_rows(v, ctx, counts) for k, v in out.items() if k in keys}, gather_rows(y, ctx, counts)
 
 
 def finetune(
@@ -321,15 +395,24 @@ def _check_set(train: LabeledSlices, val: LabeledSlices | None, train_emb, val_e
 def _finetune(model, train, config, val, on_epoch, should_stop, on_encode) -> dict:
     if len(train) == 0:
         raise ValueError("no labelled slices to train on: every label volume is empty")
+    ctx = context()
+    if ctx.enabled and config.mode == "cached" and not config.embedding_dir:
+        raise ValueError("cached mode on several processes needs an embedding_dir that every rank can read")
+    with tempfile.TemporaryDirectory(prefix="samora-embeddings-") as scratch:
+        root = config.embedding_dir or scratch  # kept until training ends: embeddings are read per batch
+        return _train_loop(model, train, config, val, on_epoch, should_stop, on_encode, ctx, root)
+
+
+def _train_loop(model, train, config, val, on_epoch, should_stop, on_encode, ctx, root) -> dict:
     device = torch.device(config.device)
     model.to(device)
     start = time.perf_counter()
     cached = config.mode == "cached"
     model.set_stage("finetune-heads" if cached else "finetune")
-    with tempfile.TemporaryDirectory(prefix="samora-embeddings-") as scratch:
-        root = config.embedding_dir or scratch
-        train_emb = _embed_for_training(model, train, config, root, on_encode) if cached else None
-        val_emb = _embed_for_training(model, val, config, root, on_encode) if cached else None
+    if not ctx.is_main:
+        on_epoch = on_encode = None  # progress comes from rank 0
+    train_emb = _embed_for_training(model, train, config, root, ctx, on_encode) if cached else None
+    val_emb = _embed_for_training(model, val, config, root, ctx, on_encode) if cached else None
     encode_s = time.perf_counter() - start
     params = model.trainable_parameters()
     optimizer = _optimizer(model, config)
@@ -341,34 +424,38 @@ def _finetune(model, train, config, val, on_epoch, should_stop, on_encode) -> di
         optimizer, _lr_lambda(total, max(1, int(total * config.warmup_fraction)))
     )
     seg_loss = SegmentationLoss(config.ce_weight)
-    prompt_loss = PromptLoss()
-    batches = _Batches(model, train, config, train_emb)
-    rng = np.random.default_rng(config.seed)
+    batches = _Batches(train, config, train_emb)
+    order_rng = np.random.default_rng(config.seed)  # the same epoch orders on every rank
+    prompt_rng = np.random.default_rng([config.seed, 1, ctx.rank])  # simulated prompts: per rank
     hsam = model.config.decoder == "hsam"
     has_prompt = config.prompt_training and model.prompt_head is not None
+    prompt_loss = PromptLoss() if has_prompt else None
+    # find_unused: a step may leave the prompt path unused (no prompt on a rank's rows, or prompt training off)
+    step_module = wrap_ddp(_StepModule(model, not cached, prompt_loss, config.prompt_slices), ctx, find_unused=True)
     check, check_emb = _check_set(train, val, train_emb, val_emb, config.max_check_slices)
     history: list[dict] = []
     best = {"metric": -math.inf, "epoch": -1, "state": None}
     step = 0
     for epoch in range(config.epochs):
         model.train()
-        order = rng.permutation(len(train))
+        order = order_rng.permutation(len(train))
         losses = []
         for b in range(0, len(order), config.batch_size):
-            emb, y = batches(order[b : b + config.batch_size])
-            loss = seg_loss(model.decode(emb), y, epoch, hsam)
-            if has_prompt:
-                extra = _prompt_loss(model, emb, y.cpu(), rng, prompt_loss, config.prompt_slices)
-                if extra is not None:
-                    loss = loss + extra
+            batch = order[b : b + config.batch_size]
+            positions, counts = _rank_rows(batch, ctx)
+            x, y = batches(batch[positions], [_sample_seed(config.seed, step, int(p)) for p in positions])
+            out, extra = step_module(x, y, counts[ctx.rank], prompt_rng)
+            loss = seg_loss(*_gathered(out, y, counts, ctx), epoch, hsam)
+            if extra is not None:
+                loss = loss + extra
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss.detach()))
+            losses.append(mean_over_ranks(float(loss.detach()), ctx))
             step += 1
-            if step >= total or (should_stop and should_stop()):
+            if step >= total or any_rank(bool(should_stop and should_stop()), ctx):
                 break
         metric = evaluate_slices(model, check, config.batch_size, device, check_emb)
         record = {
@@ -380,12 +467,13 @@ def _finetune(model, train, config, val, on_epoch, should_stop, on_encode) -> di
             "elapsed_s": time.perf_counter() - start,
         }
         history.append(record)
-        log.info("epoch %d/%d loss %.4f val dice %.4f", epoch + 1, config.epochs, record["loss"], metric)
+        if ctx.is_main:
+            log.info("epoch %d/%d loss %.4f val dice %.4f", epoch + 1, config.epochs, record["loss"], metric)
         if not math.isnan(metric) and metric > best["metric"]:
             best = {"metric": metric, "epoch": epoch + 1, "state": copy.deepcopy(model.saved_state())}
         if on_epoch is not None:
             on_epoch({**record, "best_metric": best["metric"]})
-        if step >= total or (should_stop and should_stop()):
+        if step >= total or any_rank(bool(should_stop and should_stop()), ctx):
             break
     if best["state"] is not None:
         model.load_state_dict(best["state"], strict=False)

@@ -101,6 +101,9 @@ class AppSettings:
     # disk budget of slice embeddings shared by training, auto-segmentation and scoring (2 MiB per LiteMedSAM slice,
     # float16), oldest dropped first; 0 = encode every request anew
     embedding_cache_gb: float = 4.0
+    # a multi-GPU train request on a machine without a usable GPU: 0/1 trains in one process (logged), N > 1 runs N
+    # gloo CPU processes instead (for tests and benchmarks of the multi-process path; no speed-up on few cores)
+    dist_cpu_processes: int = 0
 
     def __post_init__(self) -> None:
         if self.image_size == 0:
@@ -184,6 +187,8 @@ class AppSettings:
             raise SettingsError("conf epochs: must be >= 0 (0 = the training mode's default)")
         if self.embedding_cache_gb < 0:
             raise SettingsError("conf embedding_cache_gb: must be >= 0 (0 = no embedding cache)")
+        if self.dist_cpu_processes < 0:
+            raise SettingsError("conf dist_cpu_processes: must be >= 0 (0 = one process without a GPU)")
         if self.train_every < 0:
             raise SettingsError("conf train_every: must be >= 0 (0 disables automatic training)")
         if self.train_mode not in ("auto", "full", "cached"):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samora.distributed.context import context, gather_rows, shard_rows
 from samora.ssl.augment import SeededAugment, contrastive_views, denoising_corruption, geometric_jitter
 
 __all__ = [
@@ -108,6 +109,16 @@ def random_token_mask(
     noise = torch.rand(batch, n, generator=generator)
     ranks = noise.argsort(dim=1).argsort(dim=1)
     return (ranks < n_masked).reshape(batch, height, width)
+
+
+def _rank_token_mask(
+    batch: int, height: int, width: int, ratio: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """This rank's rows of the global batch's masks: every rank draws them all from the step's generator, so the
+    masks do not depend on the number of processes."""
+    ctx = context()
+    masks = random_token_mask(batch * ctx.world_size, height, width, ratio, generator)
+    return torch.stack(shard_rows(masks, ctx))
 
 
 def sincos_2d(height: int, width: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -227,8 +238,11 @@ class ContrastiveObjective(SSLObjective):
         b = view1.shape[0]
         views = torch.cat([view1, view2])
         pooled = model.encode(views).mean(dim=(2, 3))
-        z = self.projector(pooled)
-        contrastive = nt_xent(z[:b], z[b:], self.temperature)
+        # Batch norm and the negatives see the global batch when several ranks train (one process: unchanged).
+        ctx = context()
+        z = self.projector(torch.cat([gather_rows(pooled[:b], ctx), gather_rows(pooled[b:], ctx)]))
+        half = z.shape[0] // 2
+        contrastive = nt_xent(z[:half], z[half:], self.temperature)
         out = {"loss": contrastive, "ntxent": contrastive.detach()}
         teacher = self.teacher
         if teacher is not None and self.distill is not None:
@@ -335,7 +349,7 @@ class MaskedImageObjective(SSLObjective):
             raise NotImplementedError("masked image modelling needs a ViT encoder with patch_embed/pos_embed/blocks")
         tokens = encoder.patch_embed(images)  # (B, H, W, C), row-major over the image like patchify()
         b, h, w, width = tokens.shape
-        mask = random_token_mask(b, h, w, self.mask_ratio, generator).to(tokens.device)
+        mask = _rank_token_mask(b, h, w, self.mask_ratio, generator).to(tokens.device)
         # The mask token replaces the patch content but still receives the position embedding, so a masked token
         # keeps whatever positional signal the encoder has.
         tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
@@ -387,7 +401,7 @@ class MaskedPixelObjective(MaskedImageObjective):
         (images,) = batch
         b, _, h, w = images.shape
         p = self.patch_size
-        mask = random_token_mask(b, h // p, w // p, self.mask_ratio, generator).to(images.device)
+        mask = _rank_token_mask(b, h // p, w // p, self.mask_ratio, generator).to(images.device)
         pixels = mask.repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)[:, None]
         masked = torch.where(pixels, self.mask_token.to(images.dtype), images)
         features = model.encode(masked)

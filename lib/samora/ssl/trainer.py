@@ -25,6 +25,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import samora
 from samora.adapters.experts import expert_parameters, expert_state, load_expert_state
 from samora.config import EXPERTS, ModelConfig
+from samora.distributed.context import (
+    DistContext,
+    any_rank,
+    context,
+    main_first,
+    mean_over_ranks,
+    rank_device,
+    shard_rows,
+    wrap_ddp,
+)
 from samora.io_utils import atomic_write, atomic_write_json
 from samora.plots import plot_loss_curves, read_loss_log
 from samora.ssl.augment import prepare_batch
@@ -127,15 +137,20 @@ def _sample_seed(seed: int, level: str, step: int, position: int) -> int:
 
 
 class _StepBatches(Sampler):
-    """Yields, for steps start..total-1, the batch's [(slice index, sample seed), ...]; full batches only."""
+    """Yields, for steps start..total-1, this rank's part of the global batch's [(slice index, sample seed), ...];
+    full batches only. Seeds follow the sample's position in the global batch, so any number of ranks sees the
+    same samples with the same augmentation as one process."""
 
-    def __init__(self, n_slices: int, batch_size: int, seed: int, level: str, start: int, total: int) -> None:
+    def __init__(
+        self, n_slices: int, batch_size: int, seed: int, level: str, start: int, total: int, ctx: DistContext
+    ) -> None:
         self.n = n_slices
         self.batch = batch_size
         self.seed = seed
         self.level = level
         self.start = start
         self.total = total
+        self.ctx = ctx
         self.per_epoch = max(1, n_slices // batch_size)
 
     def __len__(self) -> int:
@@ -151,7 +166,8 @@ class _StepBatches(Sampler):
                 )
                 perm, perm_epoch = torch.randperm(self.n, generator=generator).tolist(), epoch
             indices = perm[position * self.batch : (position + 1) * self.batch]
-            yield [(i, _sample_seed(self.seed, self.level, step, j)) for j, i in enumerate(indices)]
+            keys = [(i, _sample_seed(self.seed, self.level, step, j)) for j, i in enumerate(indices)]
+            yield shard_rows(keys, self.ctx)
 
 
 class _BatchMaker(Dataset):
@@ -168,6 +184,17 @@ class _BatchMaker(Dataset):
 
     def __getitem__(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
         return prepare_batch(self.slices, self.preparer, keys)
+
+
+class _ObjectiveStep(nn.Module):
+    """The model and its objective as one module, so DistributedDataParallel sees every trainable parameter."""
+
+    def __init__(self, model: nn.Module, objective: SSLObjective) -> None:
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: Sequence[torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return self.objective(self.model, batch, generator)
 
 
 # ----- checkpoints ------------------------------------------------------------------------------------------------
@@ -243,6 +270,10 @@ def train_expert(
     if n < 2:
         raise ValueError(f"the slice cache has {n} informative slices; self-supervised training needs at least 2")
     batch_size = min(settings.batch_size, n)
+    ctx = context()
+    if batch_size % ctx.world_size:
+        raise ValueError(f"batch size {batch_size} does not split evenly over {ctx.world_size} processes")
+    log = log if ctx.is_main else _quiet
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).eval()  # the frozen encoder has no dropout/batch-norm, so eval only pins its behaviour
     model.set_stage(f"ssl-{level}")
@@ -280,12 +311,15 @@ def train_expert(
         if int(state["total_steps"]) != total_steps:
             log(f"[{level}] checkpoint was for {state['total_steps']} steps, continuing to {total_steps}")
         log(f"[{level}] resuming from {ckpt} at step {step}/{total_steps}")
-        _truncate_log(losses_path, step)
-    elif losses_path.exists():
+        if ctx.is_main:
+            _truncate_log(losses_path, step)
+    elif losses_path.exists() and ctx.is_main:
         losses_path.unlink()  # a log without a usable checkpoint belongs to a run that never reached one
     heldout_start = _heldout_start(model, objective, heldout, state, step, settings, log) if heldout else None
 
     def save_checkpoint(done: int, elapsed: float) -> None:
+        if not ctx.is_main:  # every rank holds the same state; one writes it
+            return
         state = {
             "format": CHECKPOINT_FORMAT,
             "level": level,
@@ -307,25 +341,26 @@ def train_expert(
 
     loader = DataLoader(
         _BatchMaker(cache, objective.preparer),
-        sampler=_StepBatches(n, batch_size, settings.seed, level, step, total_steps),
+        sampler=_StepBatches(n, batch_size, settings.seed, level, step, total_steps, ctx),
         batch_size=None,  # the sampler hands out whole batches
         num_workers=settings.num_workers,
         pin_memory=device.type == "cuda",
     )
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    step_module = wrap_ddp(_ObjectiveStep(model, objective), ctx)
     per_epoch = max(1, n // batch_size)
     status = "finished" if step >= total_steps else "running"
     started = time.perf_counter()
     steps_this_run = 0
-    bar = _progress_bar(progress, total_steps, step, f"ssl {level}")
+    bar = _progress_bar(progress and ctx.is_main, total_steps, step, f"ssl {level}")
     losses_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(losses_path, "a") as log_file:
+        with open(losses_path if ctx.is_main else os.devnull, "a") as log_file:
             for batch in loader:
                 generator = torch.Generator().manual_seed(_sample_seed(settings.seed, level, step, _STEP_STREAM))
                 batch = tuple(t.to(device, non_blocking=True) for t in batch)
                 lr = optimizer.param_groups[0]["lr"]
-                terms = objective(model, batch, generator)
+                terms = step_module(batch, generator)
                 loss = terms["loss"]
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"[{level}] non-finite loss {loss.item()} at step {step + 1}")
@@ -337,10 +372,10 @@ def train_expert(
                 scheduler.step()
                 step += 1
                 steps_this_run += 1
-                value = float(loss.detach())
+                value = mean_over_ranks(float(loss.detach()), ctx)
                 elapsed = elapsed_before + time.perf_counter() - started
                 record = {"step": step, "epoch": (step - 1) // per_epoch, "loss": value, "lr": lr, "time": elapsed}
-                record.update({k: float(v) for k, v in terms.items() if k != "loss"})
+                record.update({k: mean_over_ranks(float(v), ctx) for k, v in terms.items() if k != "loss"})
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 if bar is not None:
@@ -348,9 +383,9 @@ def train_expert(
                     bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
                 if step % settings.checkpoint_every == 0 and step < total_steps:
                     save_checkpoint(step, elapsed)
-                if on_step is not None:
+                if on_step is not None and ctx.is_main:
                     on_step(level, step, total_steps, value)
-                if stop is not None and step < total_steps and stop():
+                if stop is not None and step < total_steps and any_rank(stop(), ctx):
                     save_checkpoint(step, elapsed)
                     status = "stopped"
                     log(f"[{level}] stopped at step {step}/{total_steps}; the next run resumes from here")
@@ -361,7 +396,7 @@ def train_expert(
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - started
-    records = read_loss_log(losses_path) if losses_path.exists() else []
+    records = read_loss_log(losses_path) if losses_path.exists() and ctx.is_main else []
     summary: dict[str, Any] = {
         "level": level,
         "objective": OBJECTIVES[level],
@@ -398,10 +433,17 @@ def train_expert(
             **(metadata or {}),
         }
         summary["expert_file"] = str(expert_paths(out_dir, level)[0])
-        save_expert(model, level, out_dir, meta)
-        log(f"[{level}] done: {step} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+        with main_first(ctx):  # the other ranks wait until the expert file exists
+            if ctx.is_main:
+                save_expert(model, level, out_dir, meta)
+        if ctx.is_main:
+            log(f"[{level}] done: {step} steps, loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
     model.set_stage("inference")
     return summary
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def _param_groups(expert: dict[str, nn.Parameter], objective: SSLObjective, weight_decay: float) -> list[dict]:
@@ -518,18 +560,20 @@ def pretrain(
         raise ValueError(f"levels must be a non-empty subset of {EXPERTS}, got {list(levels)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache = _resolve_cache(studies, out_dir / "cache", config, window, progress)
-    heldout_cache = None
-    if heldout is not None:
-        heldout_cache = _resolve_cache(heldout, out_dir / "heldout_cache", config, window, progress)
-        if heldout_cache.data_hash == cache.data_hash:
-            raise ValueError("the held-out studies are the training studies; hold out studies that SSL does not see")
+    ctx = context()
+    log = log if ctx.is_main else _quiet
+    with main_first(ctx):  # rank 0 builds the slice caches; the other ranks then open them
+        cache = _resolve_cache(studies, out_dir / "cache", config, window, progress and ctx.is_main)
+        heldout_cache = None
+        if heldout is not None:
+            heldout_cache = _resolve_cache(heldout, out_dir / "heldout_cache", config, window, False)
+    if heldout_cache is not None and heldout_cache.data_hash == cache.data_hash:
+        raise ValueError("the held-out studies are the training studies; hold out studies that SSL does not see")
     if model is None:
         model = SamoraModel(config)
     elif model.config.to_dict() != config.to_dict():
         raise ValueError("`model` was built from a different config than `model_config`")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = rank_device(str(device) if device is not None else None)
     settings = SSLSettings(
         batch_size=batch_size,
         lr=lr,
@@ -587,7 +631,7 @@ def pretrain(
             break
 
     logs = {level: log_path(out_dir, level) for level in EXPERTS if log_path(out_dir, level).exists()}
-    if logs:
+    if logs and ctx.is_main:
         plot_loss_curves(logs, out_dir / PLOT_FILE)
     summary = {
         "levels": summaries,
@@ -596,7 +640,8 @@ def pretrain(
         "data_hash": cache.data_hash,
         "study_ids": cache.study_ids,
     }
-    atomic_write_json(out_dir / SUMMARY_FILE, summary)
+    if ctx.is_main:
+        atomic_write_json(out_dir / SUMMARY_FILE, summary)
     return summaries
 
 

@@ -8,7 +8,9 @@ import time
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.trainers.processes import REQUEST_DEFAULTS, jobs_root, request_plan
 from lib.trainers.stats import StatsFile
+from samora.distributed.jobs import run_pretrain_job
 from samora.serving.runtime import ModelRuntime
 from samora.serving.validation import positive_int_param
 from samora.ssl.trainer import pretrain
@@ -28,13 +30,14 @@ class SamoraBootstrapTrainer(TrainTask):
 
     def config(self) -> dict:
         s = self.runtime.settings
-        return {"max_steps": s.ssl_steps, "batch_size": s.ssl_batch_size}
+        return {"max_steps": s.ssl_steps, "batch_size": s.ssl_batch_size, **REQUEST_DEFAULTS}
 
     def stats(self) -> dict:
         return self.stats_file.read()
 
     def __call__(self, request, datastore: Datastore) -> dict:
-        params = {k: positive_int_param(request, k, default) for k, default in self.config().items()}
+        params = {k: positive_int_param(request, k, self.config()[k]) for k in ("max_steps", "batch_size")}
+        plan = request_plan(request, self.runtime.settings)
         start = time.time()
         ids = datastore.get_unlabeled_images() or datastore.list_images()
         if not ids:
@@ -58,18 +61,19 @@ class SamoraBootstrapTrainer(TrainTask):
                     }
                 )
 
-        summary = pretrain(
-            studies,
-            self.runtime.store.experts_dir,
-            self.runtime.settings.model_config(),
-            levels=LEVELS,
-            max_steps=params["max_steps"],
-            batch_size=params["batch_size"],
-            progress=False,
-            log=log.info,
-            on_step=on_step,
-            device=self.runtime.settings.device,
-        )
+        arguments = {
+            "studies": studies,
+            "out_dir": str(self.runtime.store.experts_dir),
+            "model_config": self.runtime.settings.model_config().to_dict(),
+            "levels": list(LEVELS),
+            "max_steps": params["max_steps"],
+            "batch_size": params["batch_size"],
+            "device": self.runtime.settings.device,
+        }
+        if plan.launches:
+            summary = run_pretrain_job(jobs_root(self.runtime.store.root), plan, arguments, on_step)
+        else:
+            summary = pretrain(**arguments, progress=False, log=log.info, on_step=on_step)
         final = {
             "status": "DONE",
             "epoch": total,
@@ -78,6 +82,7 @@ class SamoraBootstrapTrainer(TrainTask):
             "total_time": f"{time.time() - start:.0f}s",
             "start_ts": start,
             "studies": len(studies),
+            "processes": plan.nproc,
             "levels": {k: {"final_loss": v.get("final_loss"), "steps": v.get("steps")} for k, v in summary.items()},
         }
         self.stats_file.write(final)

@@ -11,7 +11,9 @@ import time
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.trainers.processes import REQUEST_DEFAULTS, jobs_root, request_plan
 from lib.trainers.stats import StatsFile
+from samora.distributed.jobs import run_finetune_job
 from samora.engine.train import FinetuneConfig, finetune, load_labeled_cases
 from samora.serving.labels import remap_by_name
 from samora.serving.runtime import ModelRuntime
@@ -51,6 +53,7 @@ class SamoraFinetuneTrainer(TrainTask):
             "batch_size": s.batch_size,
             "lr": s.resolved_lr(),
             "prompt_training": True,
+            **REQUEST_DEFAULTS,
         }
 
     def _starting_model(self):
@@ -81,6 +84,7 @@ class SamoraFinetuneTrainer(TrainTask):
             "lr": positive_float_param(request, "lr", defaults["lr"]),
             "prompt_training": bool_param(request, "prompt_training", defaults["prompt_training"]),
         }
+        plan = request_plan(request, self.runtime.settings)
         start = time.time()
         cases, infos = labeled_cases(datastore)
         if not cases:
@@ -145,24 +149,23 @@ class SamoraFinetuneTrainer(TrainTask):
 
         mode = self.runtime.settings.resolved_train_mode()
         cached = mode == "cached"
-        result = finetune(
-            model,
-            train,
-            FinetuneConfig(
-                epochs=params["epochs"],
-                batch_size=params["batch_size"],
-                lr=params["lr"],
-                prompt_training=params["prompt_training"],
-                device=self.runtime.settings.device,
-                mode=mode,
-                embedding_dir=str(self.runtime.store.root / "embeddings"),
-                threads=os.cpu_count() if cached else None,
-                prompt_slices=2 if cached and self.runtime.settings.pretrained else None,
-            ),
-            val=val,
-            on_epoch=on_epoch,
-            on_encode=on_encode,
+        config = FinetuneConfig(
+            epochs=params["epochs"],
+            batch_size=params["batch_size"],
+            lr=params["lr"],
+            prompt_training=params["prompt_training"],
+            device=self.runtime.settings.device,
+            mode=mode,
+            embedding_dir=str(self.runtime.store.root / "embeddings"),
+            threads=max(1, (os.cpu_count() or 1) // plan.nproc) if cached else None,
+            prompt_slices=2 if cached and self.runtime.settings.pretrained else None,
         )
+        callbacks = {"on_epoch": on_epoch, "on_encode": on_encode}
+        if plan.launches:
+            root = jobs_root(self.runtime.store.root)
+            model, result = run_finetune_job(root, plan, model, train, val, config, callbacks)
+        else:
+            result = finetune(model, train, config, val=val, **callbacks)
         data_hash = hashlib.sha256("".join(f"{c}:{i}:{lab}" for c, i, lab in cases).encode()).hexdigest()
         new_version = self.runtime.store.publish(
             model,
@@ -186,6 +189,7 @@ class SamoraFinetuneTrainer(TrainTask):
             "base_version": version,
             "labeled_studies": len(cases),
             "train_mode": result["mode"],
+            "processes": plan.nproc,
         }
         self.stats_file.write(final)
         log.info("published model version %d (best dice %.4f)", new_version, result["best_metric"])
