@@ -389,6 +389,8 @@ class _ConfidenceModel:
     def __init__(self, confidence: dict[int, float]) -> None:
         self.confidence = confidence
         self.prompt_head = self
+        self.backbone = self  # `backbone.pretrained` decides multimask for single clicks
+        self.pretrained = True
 
     def prompt(self, embedding: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
         k = int(embedding.flatten()[0])
@@ -396,7 +398,7 @@ class _ConfidenceModel:
         logits[..., 4:12, 4:12] = 20.0
         return {"iou": torch.tensor([[self.confidence[k]]]), "low_res_logits": logits}
 
-    def best_mask(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    def best_mask(self, out: dict[str, torch.Tensor], multimask: bool = False) -> torch.Tensor:
         return torch.nn.functional.interpolate(out["low_res_logits"], size=(16, 16))
 
 

@@ -147,13 +147,16 @@ class SamoraDicomWebDatastore(DICOMWebDatastore):
         if suffix == ".bin":
             return binary_to_image(image_uri, label_file)
         if suffix == ".dcm":
-            volume, label_info["label_info"] = self._read_seg(image_id, image_uri, pydicom.dcmread(label_file))
-            return str(save_label(volume, load_volume(image_uri, check=False).affine, os.path.join(tmp, "seg.nii.gz")))
+            seg = pydicom.dcmread(label_file)
+            nifti, label_info["label_info"] = self._seg_as_nifti(image_id, image_uri, seg, tmp)
+            return nifti
         return label_file
 
-    def _read_seg(self, image_id: str, image_uri: str, seg: Dataset):
+    def _seg_as_nifti(self, image_id: str, image_uri: str, seg: Dataset, folder: str) -> tuple[str, list[dict]]:
+        """A SEG of the series as a NIfTI of segment numbers on the image grid in `folder`, and its label_info."""
         image = load_volume(image_uri, check=False)
-        return read_seg(seg, read_series_headers(self.series_dir(image_id)), image.affine, image.shape)
+        volume, segments = read_seg(seg, read_series_headers(self.series_dir(image_id)), image.affine, image.shape)
+        return str(save_label(volume, image.affine, os.path.join(folder, "seg.nii.gz"))), segments
 
     def _segments(self, label_info: list[dict] | None) -> list[Segment]:
         """One segment per label_info entry (the viewer's numbering), else one per configured label."""
@@ -203,14 +206,13 @@ class SamoraDicomWebDatastore(DICOMWebDatastore):
         if not os.path.isdir(folder) or not os.listdir(folder):
             dicom_web_download_series(None, label_id, folder, self._client, self._fetch_by_frame)
         image_uri = self.get_image_uri(image_id)
-        try:
-            seg = pydicom.dcmread(os.path.join(folder, sorted(os.listdir(folder))[0]))
-            volume, segments = self._read_seg(image_id, image_uri, seg)
-        except ValueError as e:  # SegError, GridMismatch: a SEG made for something else
-            log.warning("SEG %s ignored for %s: %s", label_id, image_id, e)
-            return ""
         with tempfile.TemporaryDirectory() as tmp:
-            nifti = save_label(volume, load_volume(image_uri, check=False).affine, os.path.join(tmp, "seg.nii.gz"))
+            try:
+                seg = pydicom.dcmread(os.path.join(folder, sorted(os.listdir(folder))[0]))
+                nifti, segments = self._seg_as_nifti(image_id, image_uri, seg, tmp)
+            except ValueError as e:  # SegError, GridMismatch: a SEG made for something else
+                log.warning("SEG %s ignored for %s: %s", label_id, image_id, e)
+                return ""
             meta = {**self._dicom_info(label_id), "label_info": segments}
-            LocalDatastore.save_label(self, image_id, str(nifti), label_tag, meta)
+            LocalDatastore.save_label(self, image_id, nifti, label_tag, meta)
         return LocalDatastore.get_label_uri(self, image_id, label_tag)

@@ -182,9 +182,14 @@ def mask_to_prompt(
     return SlicePrompt(np.zeros((0, 2), np.float32), np.zeros(0, np.float32), box)
 
 
-@torch.no_grad()
 def decode_slice_prompt(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox) -> np.ndarray:
     """Mask logits (H, W) on the slice grid for one slice prompt on a cached embedding (mask = logits > 0)."""
+    return _decode(model, embedding, prompt, letterbox)[0]
+
+
+@torch.no_grad()
+def _decode(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox) -> tuple[np.ndarray, dict]:
+    """decode_slice_prompt's logits, and the prompt head's raw outputs (with its predicted IoU per mask token)."""
     device = embedding.device
     kwargs = {}
     if len(prompt.coords):
@@ -197,10 +202,9 @@ def decode_slice_prompt(model, embedding: torch.Tensor, prompt: SlicePrompt, let
     out = model.prompt(embedding, **kwargs)
     single_click = prompt.box is None and len(prompt.coords) == 1
     logits = model.prompt_head.best_mask(out, multimask=single_click and model.backbone.pretrained)
-    return letterbox.back(logits)[0, 0].float().cpu().numpy()
+    return letterbox.back(logits)[0, 0].float().cpu().numpy(), out
 
 
-@torch.no_grad()
 def roi_seed_slice(
     model, runtime, path: str, letterbox: Letterbox, box_prompt: SlicePrompt, z_lo: int, z_hi: int
 ) -> int:
@@ -211,10 +215,8 @@ def roi_seed_slice(
     candidates = range(z_lo + quarter, z_hi - quarter + 1)
 
     def confidence(k: int) -> float:
-        embedding = runtime.slice_embedding(path, k)
-        out = model.prompt(embedding, boxes=torch.as_tensor(box_prompt.box, device=embedding.device)[None])
-        logits = model.prompt_head.best_mask(out)
-        return float(out["iou"][0, 0]) * mask_stability(letterbox.back(logits)[0, 0].float().cpu().numpy())
+        logits, out = _decode(model, runtime.slice_embedding(path, k), box_prompt, letterbox)
+        return float(out["iou"][0, 0]) * mask_stability(logits)
 
     return max(candidates, key=confidence)
 
