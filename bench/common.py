@@ -538,8 +538,8 @@ def build_ssl_cache(work: Path, spec: SSLSpec) -> dict[str, Any]:
 
 def run_ssl_job(work: str, spec: dict[str, Any], seed: int) -> dict[str, Any]:
     """Train (or reuse) the three experts of one seed; the backbone is the one `build_model(seed=seed)` makes."""
-    from samora.config import ModelConfig
-    from samora.ssl.trainer import pretrain
+    from samora.config import ModelConfig, SSLSettings
+    from samora.ssl.pretraining import pretrain
 
     spec_obj = SSLSpec(**{**spec, "studies": tuple(spec["studies"])})
     config = ModelConfig(
@@ -554,13 +554,10 @@ def run_ssl_job(work: str, spec: dict[str, Any], seed: int) -> dict[str, Any]:
         str(ssl_cache_dir(Path(work), spec_obj)),
         ssl_dir(Path(work), spec_obj, seed),
         config,
+        SSLSettings(batch_size=spec_obj.batch_size, lr=spec_obj.lr, seed=seed, checkpoint_every=10**9),
         max_steps=spec_obj.steps,
-        batch_size=spec_obj.batch_size,
-        lr=spec_obj.lr,
         progress=False,
         log=lambda _msg: None,
-        seed=seed,
-        checkpoint_every=10**9,
     )
     return {
         "seed": seed,

@@ -13,7 +13,7 @@ from lib.trainers.stats import StatsFile
 from samora.distributed.jobs import run_pretrain_job
 from samora.serving.runtime import ModelRuntime
 from samora.serving.validation import positive_int_param
-from samora.ssl.trainer import pretrain
+from samora.ssl.pretraining import pretrain
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ class SamoraBootstrapTrainer(TrainTask):
             "out_dir": str(self.runtime.store.experts_dir),
             "model_config": self.runtime.settings.model_config().to_dict(),
             "levels": list(LEVELS),
+            "settings": {"batch_size": params["batch_size"]},
             "max_steps": params["max_steps"],
-            "batch_size": params["batch_size"],
             "device": self.runtime.settings.device,
         }
         if plan.launches:
