@@ -272,7 +272,6 @@ def _count(params) -> int:
 
 def _versions() -> dict[str, str]:
     import peft
-    import segment_anything  # noqa: F401
 
     return {
         "samora": samora.__version__,

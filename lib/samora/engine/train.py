@@ -32,6 +32,7 @@ from samora.engine.labeled import (
 )
 from samora.engine.losses import PromptLoss, SegmentationLoss
 from samora.engine.prompts import simulate_prompt
+from samora.engine.segmenter import Segmenter
 from samora.model import SamoraModel
 from samora.schedule import warmup_poly, warmup_steps
 
@@ -116,7 +117,7 @@ def _augmenter(seed: int) -> Compose:
 
 @torch.no_grad()
 def evaluate_slices(
-    model: SamoraModel,
+    model: Segmenter,
     data: LabeledSlices,
     batch_size: int = 8,
     device: str = "cpu",
@@ -176,7 +177,7 @@ def _prompt_loss(model, emb, labels, rng, loss_fn, max_slices: int | None = None
     return sum(losses) / len(prompts) if losses else None
 
 
-def _optimizer(model: SamoraModel, config: FinetuneConfig) -> torch.optim.Optimizer:
+def _optimizer(model: Segmenter, config: FinetuneConfig) -> torch.optim.Optimizer:
     """AdamW over the stage's trainables; a pretrained prompt path learns at `prompt_lr_scale` x the rate."""
     trainable = {id(p) for p in model.trainable_parameters()}
     prompt_scale = config.prompt_lr_scale if model.backbone.pretrained else 1.0
@@ -238,7 +239,7 @@ class _StepModule(torch.nn.Module):
     """One step's forward as a module for DistributedDataParallel: encoder ("full") and head, plus the prompt
     path's loss on this rank's real rows, so that every trained parameter is used inside forward."""
 
-    def __init__(self, model: SamoraModel, encode: bool, prompt_loss: PromptLoss | None, prompt_slices) -> None:
+    def __init__(self, model: Segmenter, encode: bool, prompt_loss: PromptLoss | None, prompt_slices) -> None:
         super().__init__()
         self.model, self.encode, self.prompt_loss, self.prompt_slices = model, encode, prompt_loss, prompt_slices
 
@@ -267,7 +268,7 @@ def _gathered(out: dict[str, torch.Tensor], y: torch.Tensor, counts: list[int], 
 
 
 def finetune(
-    model: SamoraModel,
+    model: Segmenter,
     train: LabeledSlices,
     config: FinetuneConfig,
     val: LabeledSlices | None = None,
@@ -362,7 +363,7 @@ def _train_loop(model, train, config, val, on_epoch, should_stop, on_encode, ctx
 class _Stepper:
     """The optimiser steps of stage 2: optimiser, LR schedule, losses and the per-step random streams."""
 
-    def __init__(self, model: SamoraModel, train: LabeledSlices, config: FinetuneConfig, embeddings, ctx) -> None:
+    def __init__(self, model: Segmenter, train: LabeledSlices, config: FinetuneConfig, embeddings, ctx) -> None:
         cached = config.mode == "cached"
         self.model, self.train, self.config, self.ctx = model, train, config, ctx
         self.params = model.trainable_parameters()
