@@ -59,8 +59,6 @@ def pretrain(
     `heldout`: studies (same forms as `studies`, cached in OUT/heldout_cache) that take no part in training; each
     level's loss on them at step 0 and at the end goes into its summary and expert metadata.
     """
-    from samora.model import SamoraModel
-
     config = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(dict(model_config))
     settings = settings if isinstance(settings, SSLSettings) else SSLSettings(**(settings or {}))
     order = expert_levels(levels)
@@ -69,44 +67,44 @@ def pretrain(
     ctx = context()
     log = log if ctx.is_main else quiet
     cache, heldout_cache = _caches(studies, heldout, out_dir, config, window, progress and ctx.is_main)
-    if model is None:
-        model = SamoraModel(config)
-    elif model.config.to_dict() != config.to_dict():
-        raise ValueError("`model` was built from a different config than `model_config`")
-    device = rank_device(str(device) if device is not None else None)
+    model = _model_for(config, model)
     total = total_steps_for(len(cache), settings.batch_size, epochs, max_steps)
     log(
         f"pretraining {list(order)} on {len(cache)} slices from {len(cache.study_ids)} studies: "
         f"{total} steps per level, batch {min(settings.batch_size, len(cache))}"
     )
+    device = rank_device(str(device) if device is not None else None)
+    run = dict(progress=progress, log=log, on_step=on_step, stop=stop, device=device, heldout=heldout_cache)
     summaries: dict[str, dict[str, Any]] = {}
     for level in order:
-        summaries[level] = _skip_finished(out_dir, level, model, log)
-        if summaries[level] is not None:
-            continue
-        teacher_module = _resolve_teacher(teacher, teacher_arch) if level == "image" else None
-        summaries[level] = train_expert(
-            model,
-            level,
-            cache,
-            out_dir,
-            total,
-            settings,
-            progress=progress,
-            log=log,
-            on_step=on_step,
-            stop=stop,
-            teacher=teacher_module,
-            objective_options=(objective_options or {}).get(level),
-            device=device,
-            metadata={"teacher": _teacher_info(teacher)} if teacher_module is not None else {},
-            heldout=heldout_cache,
-        )
+        options = (objective_options or {}).get(level)
+        summaries[level] = _skip_finished(out_dir, level, model, log) or train_expert(
+            model, level, cache, out_dir, total, settings, objective_options=options,
+            **_teacher_arguments(level, teacher, teacher_arch), **run,
+        )  # fmt: skip
         if summaries[level]["status"] == "stopped":
             break
     if ctx.is_main:
         _write_outputs(out_dir, summaries, config, cache)
     return summaries
+
+
+def _model_for(config: ModelConfig, model: nn.Module | None) -> nn.Module:
+    """`model` (checked against `config`), or a new SamoraModel of `config`."""
+    from samora.model import SamoraModel
+
+    if model is None:
+        return SamoraModel(config)
+    if model.config.to_dict() != config.to_dict():
+        raise ValueError("`model` was built from a different config than `model_config`")
+    return model
+
+
+def _teacher_arguments(level: str, teacher: str | Path | nn.Module | None, arch: str) -> dict[str, Any]:
+    """train_expert's teacher and metadata: the distillation teacher is for the image level only."""
+    if level != "image" or teacher is None:
+        return {"teacher": None, "metadata": {}}
+    return {"teacher": _resolve_teacher(teacher, arch), "metadata": {"teacher": _teacher_info(teacher)}}
 
 
 def _caches(studies: Any, heldout: Any, out_dir: Path, config: ModelConfig, window: Any, progress: bool):
@@ -199,9 +197,7 @@ def _resolve_cache(studies: Any, cache_dir: Path, config: ModelConfig, window: A
     return cache
 
 
-def _resolve_teacher(teacher: str | Path | nn.Module | None, arch: str) -> nn.Module | None:
-    if teacher is None:
-        return None
+def _resolve_teacher(teacher: str | Path | nn.Module, arch: str) -> nn.Module:
     if isinstance(teacher, nn.Module):
         return teacher
     return load_teacher(teacher, arch)
