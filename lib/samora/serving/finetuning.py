@@ -4,6 +4,7 @@ records the trainer shows (in MONAI Label's field names: epoch, total_epochs, be
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -18,7 +19,7 @@ from samora.serving.labels import remap_by_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneRequest", "Progress", "finetune_and_publish", "hms"]
+__all__ = ["FinetuneRequest", "Progress", "finetune_and_publish", "hms", "starting_model"]
 
 Case = tuple[str, str, str]  # (case id, image path, label path)
 
@@ -84,6 +85,26 @@ class Progress:
         final.update(extra, train_mode=result["mode"])
         self.write(final)
         return final
+
+
+def starting_model(runtime: Any) -> tuple[int, Any]:
+    """(served version, a copy of it to train), or a fresh model when the conf changed since that version.
+    In `full` mode the SSL experts on disk replace the version's (a bootstrap may have finished after it); in
+    `cached` mode they cannot act (HL-Attn does not train) and would only force every slice to be re-encoded."""
+    from samora.ssl.experts_io import load_experts
+
+    version, served = runtime.model()
+    model = copy.deepcopy(served)  # never train the object a (sync) server is serving
+    if model.config.to_dict() != runtime.settings.model_config().to_dict():
+        # conf changed (labels, preset, size...) since that version: start from experts, not from it
+        log.warning("model version %d was built with another configuration; training a fresh model", version)
+        return version, runtime.fresh_model()
+    store = runtime.store
+    full = runtime.settings.resolved_train_mode() == "full"
+    if version and full and not model.config.finetune_experts and store.expert_files():
+        loaded = load_experts(model, store.experts_dir)
+        log.info("training from model version %d with the SSL experts on disk: %s", version, loaded)
+    return version, model
 
 
 def training_slices(

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import copy
-import logging
-
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.trainers.processes import REQUEST_DEFAULTS, jobs_root, request_plan
 from lib.trainers.stats import StatsFile
-from samora.serving.finetuning import FinetuneRequest, finetune_and_publish
+from samora.serving.finetuning import FinetuneRequest, finetune_and_publish, starting_model
 from samora.serving.runtime import ModelRuntime
 from samora.serving.validation import bool_param, positive_float_param, positive_int_param
-from samora.ssl.experts_io import load_experts
-
-log = logging.getLogger(__name__)
 
 
 def labeled_cases(datastore: Datastore) -> tuple[list[tuple[str, str, str]], dict[str, list | None]]:
@@ -51,23 +45,6 @@ class SamoraFinetuneTrainer(TrainTask):
             **REQUEST_DEFAULTS,
         }
 
-    def _starting_model(self):
-        """(served version, a copy of it to train), or a fresh model when the conf changed since that version.
-        In `full` mode the SSL experts on disk replace the version's (a bootstrap may have finished after it); in
-        `cached` mode they cannot act (HL-Attn does not train) and would only force every slice to be re-encoded."""
-        version, served = self.runtime.model()
-        model = copy.deepcopy(served)  # never train the object a (sync) server is serving
-        if model.config.to_dict() != self.runtime.settings.model_config().to_dict():
-            # conf changed (labels, preset, size...) since that version: start from experts, not from it
-            log.warning("model version %d was built with another configuration; training a fresh model", version)
-            return version, self.runtime.fresh_model()
-        store = self.runtime.store
-        full = self.runtime.settings.resolved_train_mode() == "full"
-        if version and full and not model.config.finetune_experts and store.expert_files():
-            loaded = load_experts(model, store.experts_dir)
-            log.info("training from model version %d with the SSL experts on disk: %s", version, loaded)
-        return version, model
-
     def stats(self) -> dict:
         return self.stats_file.read()
 
@@ -83,7 +60,7 @@ class SamoraFinetuneTrainer(TrainTask):
         cases, infos = labeled_cases(datastore)
         if not cases:
             raise ValueError("no final labels in the datastore: save at least one label before training")
-        version, model = self._starting_model()
+        version, model = starting_model(self.runtime)
         root = jobs_root(self.runtime.store.root)
         return finetune_and_publish(
             self.runtime, model, version, cases, infos, wanted, plan, root, write_stats=self.stats_file.write
