@@ -22,11 +22,11 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
+from baselines import UNetModel
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SAMORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -395,75 +395,6 @@ METHODS: dict[str, Method] = {
 }
 
 
-class UNetModel(torch.nn.Module):
-    """A MONAI 2D network trained from scratch (UNet or SegResNet) behind the small interface that
-    `finetune`/`segment_volume` use on SamoraModel, so the baseline gets exactly the same training loop, loss,
-    schedule, checkpoint choice and inference path."""
-
-    CHANNELS = (16, 32, 64, 128, 256)
-
-    def __init__(self, labels: dict[str, int], image_size: int, seed: int, arch: str = "unet") -> None:
-        super().__init__()
-        num_classes = max(labels.values()) + 1
-        self.config = SimpleNamespace(
-            decoder="samed", num_classes=num_classes, image_size=image_size, context="single", labels=labels
-        )
-        self.prompt_head = None
-        self.backbone = SimpleNamespace(pretrained=False)  # no pretrained prompt path whose rate must be lowered
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.net = self._network(arch, num_classes)
-
-    @classmethod
-    def _network(cls, arch: str, num_classes: int) -> torch.nn.Module:
-        from monai.networks.nets import SegResNet, UNet
-
-        if arch == "segresnet":
-            return SegResNet(spatial_dims=2, in_channels=3, out_channels=num_classes, init_filters=16)
-        if arch == "unet":
-            return UNet(
-                spatial_dims=2,
-                in_channels=3,
-                out_channels=num_classes,
-                channels=cls.CHANNELS,
-                strides=(2, 2, 2, 2),
-                num_res_units=2,
-            )
-        raise ValueError(f"unknown baseline network {arch!r}")
-
-    def set_stage(self, stage: str) -> None:
-        """Every parameter trains in 'finetune'; nothing else changes."""
-        for p in self.parameters():
-            p.requires_grad_(stage == "finetune")
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters with requires_grad."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def prompt_path_parameters(self) -> list[torch.nn.Parameter]:
-        """No prompt path."""
-        return []
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """No separate encoder: the 'embedding' is the image."""
-        return images
-
-    def decode(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Full-resolution logits."""
-        return {"logits": self.net(embedding)}
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.decode(images)
-
-    def probabilities(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Softmax over classes."""
-        return torch.softmax(out["logits"], dim=1)
-
-    def saved_state(self) -> dict[str, torch.Tensor]:
-        """All weights (for best-epoch restore)."""
-        return {k: v.detach().clone() for k, v in self.state_dict().items()}
-
-
 def build_model(
     method: Method,
     labels: dict[str, int],
@@ -607,8 +538,8 @@ def build_ssl_cache(work: Path, spec: SSLSpec) -> dict[str, Any]:
 
 def run_ssl_job(work: str, spec: dict[str, Any], seed: int) -> dict[str, Any]:
     """Train (or reuse) the three experts of one seed; the backbone is the one `build_model(seed=seed)` makes."""
-    from samora.config import ModelConfig
-    from samora.ssl.trainer import pretrain
+    from samora.config import ModelConfig, SSLSettings
+    from samora.ssl.pretraining import pretrain
 
     spec_obj = SSLSpec(**{**spec, "studies": tuple(spec["studies"]), "window_hu": tuple(spec["window_hu"])})
     config = ModelConfig(
@@ -623,13 +554,10 @@ def run_ssl_job(work: str, spec: dict[str, Any], seed: int) -> dict[str, Any]:
         str(ssl_cache_dir(Path(work), spec_obj)),
         ssl_dir(Path(work), spec_obj, seed),
         config,
+        SSLSettings(batch_size=spec_obj.batch_size, lr=spec_obj.lr, seed=seed, checkpoint_every=10**9),
         max_steps=spec_obj.steps,
-        batch_size=spec_obj.batch_size,
-        lr=spec_obj.lr,
         progress=False,
         log=lambda _msg: None,
-        seed=seed,
-        checkpoint_every=10**9,
     )
     return {
         "seed": seed,

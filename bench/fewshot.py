@@ -346,7 +346,7 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
                 "step": record["step"],
                 "epoch": record["step"] / every,
                 "heldout_dice": evaluate_slices(model, heldout, 8),
-                "train_dice": record["val_dice"],
+                "train_dice": record["selection_dice"],
                 "loss": record["loss"],
             }
         )

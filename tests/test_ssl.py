@@ -311,8 +311,8 @@ def test_expert_files_are_verified(trained, tmp_path):
 
 def test_interrupted_run_resumes_from_its_checkpoint(cache, heldout_cache, tmp_path):
     config = ModelConfig(**CONFIG)
-    kwargs = dict(levels=("patch",), max_steps=20, batch_size=4, checkpoint_every=10, progress=False,
-                  heldout=heldout_cache)  # fmt: skip
+    kwargs = dict(settings=SSLSettings(batch_size=4, checkpoint_every=10), levels=("patch",), max_steps=20,
+                  progress=False, heldout=heldout_cache)  # fmt: skip
     messages: list[str] = []
 
     def interrupt(level, step, total, loss):
@@ -353,8 +353,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(cache, heldout_cache, tmp_p
 
 def test_stop_hook_checkpoints_and_returns(cache, tmp_path):
     config = ModelConfig(**CONFIG)
-    summary = pretrain(cache, tmp_path, config, levels=("pixel",), max_steps=10, batch_size=2, progress=False,
-                       log=lambda m: None, stop=lambda: True)  # fmt: skip
+    summary = pretrain(cache, tmp_path, config, SSLSettings(batch_size=2), levels=("pixel",), max_steps=10,
+                       progress=False, log=lambda m: None, stop=lambda: True)  # fmt: skip
     assert summary["pixel"]["status"] == "stopped" and summary["pixel"]["steps"] == 1
     assert torch.load(checkpoint_path(tmp_path, "pixel"), weights_only=True)["step"] == 1
     assert not (tmp_path / "expert_pixel.json").exists()

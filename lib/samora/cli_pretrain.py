@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from samora.config import CONTEXTS, EXPERTS, ModelConfig
+from samora.config import CONTEXTS, EXPERTS, ModelConfig, SSLSettings, expert_levels
 
 if TYPE_CHECKING:
     from samora.data import IntensityWindow
@@ -35,12 +35,14 @@ def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--levels", default=",".join(EXPERTS), help="comma-separated subset of image,patch,pixel")
     p.add_argument("--epochs", type=int, default=None, help="epochs per level (default: 30 unless --max-steps)")
     p.add_argument("--max-steps", type=int, default=None, help="steps per level (caps --epochs)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between resumable checkpoints")
-    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=SSLSettings.batch_size)
+    p.add_argument("--lr", type=float, default=SSLSettings.lr)
+    p.add_argument("--weight-decay", type=float, default=SSLSettings.weight_decay)
+    p.add_argument(
+        "--checkpoint-every", type=int, default=SSLSettings.checkpoint_every, help="steps between resumable checkpoints"
+    )
+    p.add_argument("--num-workers", type=int, default=SSLSettings.num_workers, help="data-loader worker processes")
+    p.add_argument("--seed", type=int, default=SSLSettings.seed)
     p.add_argument("--window", default="auto", choices=_WINDOWS, help="CT intensity window (auto: per modality)")
     p.add_argument("--teacher", default=None, help="optional trained ResNet state dict for image-level distillation")
     p.add_argument("--teacher-arch", default="resnet50", help="torchvision architecture of --teacher")
@@ -64,10 +66,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from samora.distributed.launch import relaunch_cli
     from samora.ssl import pretrain
 
-    levels = [lv.strip() for lv in args.levels.split(",") if lv.strip()]
-    unknown = [lv for lv in levels if lv not in EXPERTS]
-    if unknown or not levels:
-        raise ValueError(f"--levels: {args.levels!r} must be a comma-separated subset of {','.join(EXPERTS)}")
+    try:
+        levels = expert_levels(args.levels)
+    except ValueError as e:
+        raise ValueError(f"--levels: {e}") from None
     if not args.studies.exists():
         raise FileNotFoundError(f"--studies: {args.studies} does not exist")
     config = model_config(args, expert_rank=args.rank)
@@ -95,20 +97,23 @@ def run_pretrain(args: argparse.Namespace) -> int:
     return 0 if all(s["status"] in ("finished", "skipped") for s in summaries.values()) else 1
 
 
-def _pretrain(pretrain, args: argparse.Namespace, config: ModelConfig, levels: list[str]) -> dict:
-    return pretrain(
-        args.studies,
-        args.out,
-        config,
-        levels=levels,
-        epochs=args.epochs,
-        max_steps=args.max_steps,
+def _pretrain(pretrain, args: argparse.Namespace, config: ModelConfig, levels: tuple[str, ...]) -> dict:
+    settings = SSLSettings(
         batch_size=args.batch_size,
         lr=args.lr,
         weight_decay=args.weight_decay,
         checkpoint_every=args.checkpoint_every,
         num_workers=args.num_workers,
         seed=args.seed,
+    )
+    return pretrain(
+        args.studies,
+        args.out,
+        config,
+        settings,
+        levels=levels,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
         window=_window(args.window),
         teacher=args.teacher,
         teacher_arch=args.teacher_arch,

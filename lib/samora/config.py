@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 EXPERTS: tuple[str, ...] = ("image", "patch", "pixel")
 FUSION_MODES: tuple[str, ...] = ("reduced", "full", "sum", "image", "patch", "pixel", "none")
 DECODERS: tuple[str, ...] = ("samed", "hsam")
-FUSION_ORDERS: tuple[str, ...] = ("bottom_up", "top_down")
+# HL-Attn fuses bottom-up only; the field stays so that saved configs load (a "top_down" ablation was never run)
+FUSION_ORDERS: tuple[str, ...] = ("bottom_up",)
 CONTEXTS: tuple[str, ...] = ("single", "2.5d")
 
 # A sensible default for abdominal CT (names follow the BTCV/Synapse organs).
@@ -107,6 +108,41 @@ class ModelConfig:
             data["labels"] = {str(k): int(v) for k, v in data["labels"].items()}
         return cls(**data)
 
-    def to_json(self) -> str:
-        """Serialise to JSON text."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+DEFAULT_SSL_EPOCHS = 30  # stage-1 epochs per level when neither epochs nor max_steps is given (docs/design.md §7)
+
+
+@dataclass
+class SSLSettings:
+    """Optimisation settings of one stage-1 expert's run (recorded in its metadata and checkpoint); the one place
+    for their defaults (the `samora pretrain` options and `pretrain` read them from here)."""
+
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.05  # of the total steps, at least one step
+    poly_power: float = 0.9
+    checkpoint_every: int = 100
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    num_workers: int = 0
+    heldout_slices: int | None = None  # held-out evaluation on at most this many evenly spaced slices (None: all)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+
+def expert_levels(levels: str | Sequence[str]) -> tuple[str, ...]:
+    """The requested expert levels (a sequence or "image,patch") in training order image, patch, pixel; raises
+    ValueError unless they are a non-empty subset of EXPERTS."""
+    if isinstance(levels, str):
+        levels = [level.strip() for level in levels.split(",") if level.strip()]
+    unknown = [level for level in levels if level not in EXPERTS]
+    if unknown or not levels:
+        raise ValueError(f"levels must be a non-empty subset of {','.join(EXPERTS)}, got {list(levels)}")
+    return tuple(level for level in EXPERTS if level in levels)

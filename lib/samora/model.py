@@ -14,7 +14,7 @@ from torch import nn
 
 import samora
 from samora.adapters.experts import attach_experts, expert_parameters
-from samora.adapters.fusion import HLAttnFusion
+from samora.adapters.fusion import HLAttnFusion, first_divisor
 from samora.backbones import build_backbone
 from samora.config import EXPERTS, ModelConfig
 from samora.decoders.hsam import HsamHead
@@ -49,8 +49,8 @@ class SamoraModel(nn.Module):
                 for site in self.backbone.attention_sites():
                     dim = site.core.width
                     width = config.fusion_width or (dim if config.fusion == "full" else dim // 4)
-                    heads = config.fusion_heads if config.fusion == "reduced" else _heads_for(width)
-                    site.fusion = HLAttnFusion(dim, width, heads, config.fusion_order)
+                    heads = config.fusion_heads if config.fusion == "reduced" else first_divisor(width)
+                    site.fusion = HLAttnFusion(dim, width, heads)
             sam_decoder = self.backbone.take_mask_decoder()
             if config.decoder == "samed":
                 self.head: nn.Module = SamedHead(sam_decoder, config.num_classes, config.image_size)
@@ -266,20 +266,12 @@ def _experts_in_use(fusion: str) -> tuple[str, ...]:
     return () if fusion == "none" else EXPERTS
 
 
-def _heads_for(width: int) -> int:
-    for heads in (8, 6, 4, 3, 2):
-        if width % heads == 0:
-            return heads
-    return 1
-
-
 def _count(params) -> int:
     return sum(p.numel() for p in params)
 
 
 def _versions() -> dict[str, str]:
     import peft
-    import segment_anything  # noqa: F401
 
     return {
         "samora": samora.__version__,

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from segment_anything.modeling.transformer import Attention
 from torch import nn
+
+
+def first_divisor(channels: int, choices: Sequence[int] = (8, 6, 4, 3, 2)) -> int:
+    """The first of `choices` that divides `channels` (1 if none): attention heads for a width, GroupNorm groups."""
+    for choice in choices:
+        if channels % choice == 0:
+            return choice
+    return 1
 
 
 class CrossAttention(nn.Module):
@@ -30,11 +40,8 @@ class HLAttnFusion(nn.Module):
     zero-initialised so fine-tuning starts exactly from the frozen model (E contributes nothing at step 0).
     """
 
-    def __init__(self, dim: int, width: int, heads: int = 4, order: str = "bottom_up") -> None:
+    def __init__(self, dim: int, width: int, heads: int = 4) -> None:
         super().__init__()
-        if order not in ("bottom_up", "top_down"):
-            raise ValueError(f"fusion order {order!r} must be 'bottom_up' or 'top_down'")
-        self.order = order
         self.down = nn.Identity() if width == dim else nn.Linear(dim, width)
         self.low = CrossAttention(width, heads)
         self.high = CrossAttention(width, heads)
@@ -49,9 +56,8 @@ class HLAttnFusion(nn.Module):
     def forward(self, residuals: dict[str, torch.Tensor]) -> torch.Tensor:
         shape = residuals["image"].shape
         tokens = {k: self.down(v.reshape(shape[0], -1, shape[-1])) for k, v in residuals.items()}
-        first, second, top = ("patch", "pixel", "image") if self.order == "bottom_up" else ("patch", "image", "pixel")
-        low = self.low(tokens[first], tokens[second])
-        low = tokens[first] + torch.sigmoid(self.gate_low) * (low - tokens[first])
-        high = self.high(tokens[top], low)
-        high = tokens[top] + torch.sigmoid(self.gate_high) * (high - tokens[top])
+        low = self.low(tokens["patch"], tokens["pixel"])
+        low = tokens["patch"] + torch.sigmoid(self.gate_low) * (low - tokens["patch"])
+        high = self.high(tokens["image"], low)
+        high = tokens["image"] + torch.sigmoid(self.gate_high) * (high - tokens["image"])
         return self.up(self.norm(high)).reshape(shape)

@@ -97,43 +97,25 @@ class SliceCache:
             "min_foreground": float(min_foreground),
         }
         data_hash = _data_hash(paths, settings)
-        existing = _read_index(cache_dir)
-        if existing is not None and existing.get("data_hash") == data_hash:
-            try:
-                cache = cls.open(cache_dir)
-                logger.info("slice cache %s is up to date (%d slices)", cache_dir, len(cache))
-                return cache
-            except (OSError, ValueError) as exc:  # a missing/damaged .npy: rebuild rather than fail
-                logger.warning("slice cache %s unusable (%s); rebuilding", cache_dir, exc)
-
+        cache = cls._up_to_date(cache_dir, data_hash)
+        if cache is not None:
+            return cache
         cache_dir.mkdir(parents=True, exist_ok=True)
         ids = _study_ids(paths)
         records: list[dict[str, Any]] = []
         skipped: dict[str, str] = {}
-        iterator: Any = paths
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(paths, desc="slice cache", unit="study")
-        for number, path in enumerate(iterator):
+        for number, path in enumerate(_progress(paths, progress)):
+            slice_file = cache_dir / _SLICE_FILE.format(number)
             try:
                 record = _cache_study(
-                    path,
-                    ids[number],
-                    cache_dir / _SLICE_FILE.format(number),
-                    size,
-                    context,
-                    window,
-                    min_foreground,
-                    batch_size,
-                )
+                    path, ids[number], slice_file, size, context, window, min_foreground, batch_size
+                )  # fmt: skip
             except VolumeError as exc:
                 # one bad study must not stop pretraining on the others; the index says why it is missing
                 logger.warning("skipping study %s: %s", path, exc)
                 skipped[str(path)] = str(exc)
                 continue
             records.append(record)
-
         index = {**settings, "data_hash": data_hash, "studies": records, "skipped": skipped}
         atomic_write_json(cache_dir / INDEX_FILE, index)
         keep = {r["file"] for r in records if r["file"]}
@@ -141,6 +123,20 @@ class SliceCache:
             if stale.name not in keep:
                 stale.unlink()
         return cls.open(cache_dir)
+
+    @classmethod
+    def _up_to_date(cls, cache_dir: Path, data_hash: str) -> SliceCache | None:
+        """The cache in `cache_dir` if it was built from the same inputs and settings and opens; else None."""
+        existing = _read_index(cache_dir)
+        if existing is None or existing.get("data_hash") != data_hash:
+            return None
+        try:
+            cache = cls.open(cache_dir)
+        except (OSError, ValueError) as exc:  # a missing/damaged .npy: rebuild rather than fail
+            logger.warning("slice cache %s unusable (%s); rebuilding", cache_dir, exc)
+            return None
+        logger.info("slice cache %s is up to date (%d slices)", cache_dir, len(cache))
+        return cache
 
     @classmethod
     def open(cls, cache_dir: str | os.PathLike) -> SliceCache:
@@ -369,3 +365,12 @@ def _read_index(cache_dir: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def _progress(paths: Sequence[Path], enabled: bool) -> Any:
+    """`paths`, behind a progress bar when `enabled`."""
+    if not enabled:
+        return paths
+    from tqdm.auto import tqdm
+
+    return tqdm(paths, desc="slice cache", unit="study")

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from samora.config import CONTEXTS
+
 __all__ = [
     "CONTEXTS",
     "Letterbox",
@@ -19,8 +21,6 @@ __all__ = [
     "resize_label",
     "slice_stack",
 ]
-
-CONTEXTS = ("single", "2.5d")
 
 
 def informative_slices(

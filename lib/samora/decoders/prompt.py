@@ -24,14 +24,13 @@ class PromptHead(nn.Module):
         prompt_encoder: nn.Module,
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         boxes: torch.Tensor | None = None,
-        mask_input: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """points: (coords (B,N,2) as x,y in model-input pixels, labels (B,N) 1 fg / 0 bg / -1 pad);
-        boxes: (B,4) x0,y0,x1,y1; mask_input: (B,1,S/4,S/4) logits. Returns all 4 masks and IoU scores."""
+        boxes: (B,4) x0,y0,x1,y1. Returns all 4 masks and IoU scores."""
         b = embedding.shape[0]
         if points is None and boxes is None:
             raise ValueError("a prompt needs points or a box")
-        sparse, dense = prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        sparse, dense = prompt_encoder(points=points, boxes=boxes, masks=None)
         if sparse.shape[0] != b:
             raise ValueError(f"prompt batch {sparse.shape[0]} != image batch {b}")
         return decode_masks(self.decoder, embedding, prompt_encoder.get_dense_pe(), sparse, dense)

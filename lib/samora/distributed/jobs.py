@@ -120,7 +120,7 @@ def _finetune_rank(job_dir: Path, job: dict) -> None:
 
 
 def _pretrain_rank(job_dir: Path, job: dict) -> None:
-    from samora.ssl.trainer import pretrain
+    from samora.ssl.pretraining import pretrain
 
     arguments = dict(job["arguments"])
     with process_group(arguments.get("device")) as ctx:

@@ -11,7 +11,7 @@ import torch
 
 from samora.data import IntensityWindow, Letterbox, Volume, iter_slice_batches, normalise
 from samora.engine.embeddings import EmbeddingStore
-from samora.model import SamoraModel
+from samora.engine.segmenter import Segmenter
 
 BODY_THRESHOLD = 0.02  # normalised intensity above which a voxel counts as body (for uncertainty)
 
@@ -33,7 +33,7 @@ def normalised_volume(volume: Volume, window: IntensityWindow | None = None) -> 
 
 @torch.no_grad()
 def predict_slices(
-    model: SamoraModel,
+    model: Segmenter,
     stack: np.ndarray | torch.Tensor,
     device: str | torch.device = "cpu",
     letterbox: Letterbox | None = None,
@@ -56,7 +56,7 @@ def predict_slices(
 
 @torch.no_grad()
 def segment_volume(
-    model: SamoraModel,
+    model: Segmenter,
     volume: Volume,
     window: IntensityWindow | None = None,
     batch_size: int = 8,

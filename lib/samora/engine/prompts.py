@@ -1,4 +1,5 @@
-"""Prompts simulated from labels (training the prompt path) and converted from viewer clicks (inference)."""
+"""Prompts simulated from labels, to train the prompt path in stage 2 (viewer clicks and boxes are turned into
+prompts by samora.serving.interactive)."""
 
 from __future__ import annotations
 
@@ -29,12 +30,15 @@ def bounding_box(mask: np.ndarray | torch.Tensor) -> tuple[int, int, int, int] |
 def simulate_prompt(
     label: torch.Tensor,
     rng: np.random.Generator,
-    max_points: int = 3,
+    max_foreground_points: int = 3,
     box_probability: float = 0.5,
     jitter: float = 0.1,
-    num_points: int = 3,
+    point_slots: int = 3,
 ) -> SimulatedPrompt | None:
-    """Pick a present class; sample points inside/outside it or a jittered bounding box. None if no foreground."""
+    """Pick a present class; sample points inside/outside it or a jittered bounding box. None if no foreground.
+
+    A point prompt has 1..`max_foreground_points` points inside the class and background points in the remaining
+    of its `point_slots` (padding label -1 fills the rest); a box prompt pads all `point_slots`."""
     classes = [int(c) for c in torch.unique(label) if c > 0]
     if not classes:
         return None
@@ -47,16 +51,16 @@ def simulate_prompt(
         noise = rng.normal(0, jitter, 4) * np.array([w, h, w, h])
         box = np.clip(np.array([x0, y0, x1, y1], dtype=np.float64) + noise, 0, size - 1)
         box = np.array([min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])])
-        coords = torch.zeros(num_points, 2)
-        labels = -torch.ones(num_points)
+        coords = torch.zeros(point_slots, 2)
+        labels = -torch.ones(point_slots)
         return SimulatedPrompt(coords, labels, torch.tensor(box, dtype=torch.float32), target)
     fg = np.argwhere(mask)
     bg = np.argwhere(~mask)
-    n_fg = int(rng.integers(1, max_points + 1))
-    n_bg = int(rng.integers(0, num_points - n_fg + 1)) if num_points > n_fg else 0
+    n_fg = int(rng.integers(1, max_foreground_points + 1))
+    n_bg = int(rng.integers(0, point_slots - n_fg + 1)) if point_slots > n_fg else 0
     picks = [fg[rng.integers(len(fg))] for _ in range(n_fg)] + [bg[rng.integers(len(bg))] for _ in range(n_bg)]
-    coords = torch.zeros(num_points, 2)
-    labels = -torch.ones(num_points)
+    coords = torch.zeros(point_slots, 2)
+    labels = -torch.ones(point_slots)
     for i, (y, x) in enumerate(picks):
         coords[i] = torch.tensor([x + 0.5, y + 0.5])  # SAM's prompt encoder expects pixel centres
         labels[i] = 1.0 if i < n_fg else 0.0

@@ -71,8 +71,11 @@ class ModelStore:
         return version
 
     def expert_files(self) -> list[Path]:
-        """The SSL experts saved by the bootstrap (empty before it has run)."""
-        return sorted(self.experts_dir.glob("expert_*.safetensors")) if self.experts_dir.is_dir() else []
+        """The SSL expert weight files saved by the bootstrap, in level order (empty before it has run)."""
+        from samora.config import EXPERTS
+        from samora.ssl.experts_io import expert_paths
+
+        return [path for path in (expert_paths(self.experts_dir, level)[0] for level in EXPERTS) if path.is_file()]
 
     def summary(self) -> dict:
         """What a viewer can show about the current version: whether one is trained, its number, how many labelled

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandScaleIntensityd
 
-from samora.data import IntensityWindow, Letterbox, load_label, load_volume, normalise, slice_stack
 from samora.distributed.context import (
     DistContext,
     any_rank,
@@ -26,12 +23,32 @@ from samora.distributed.context import (
     shard_rows,
     wrap_ddp,
 )
+from samora.engine.labeled import (
+    LabeledSlices,
+    concat_slices,
+    hold_out_last_study,
+    load_labeled_cases,
+    slices_from_arrays,
+)
 from samora.engine.losses import PromptLoss, SegmentationLoss
 from samora.engine.prompts import simulate_prompt
-from samora.io_utils import atomic_save_npy, atomic_write_json
+from samora.engine.segmenter import Segmenter
 from samora.model import SamoraModel
+from samora.schedule import warmup_poly, warmup_steps
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "TRAIN_MODES",
+    "FinetuneConfig",
+    "LabeledSlices",
+    "concat_slices",
+    "evaluate_slices",
+    "finetune",
+    "hold_out_last_study",
+    "load_labeled_cases",
+    "slices_from_arrays",
+]
 
 
 TRAIN_MODES = ("full", "cached")
@@ -77,111 +94,6 @@ class FinetuneConfig:
             raise ValueError(f"fine-tuning mode {self.mode!r} is not one of {TRAIN_MODES}")
 
 
-@dataclass
-class LabeledSlices:
-    """Training slices resized to the model size: images (n, 3, S, S) float16 in [0,1], labels (n, S, S) uint8."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    case_ids: list[str]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, indices: Sequence[int]) -> LabeledSlices:
-        """Slices at the given indices."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return LabeledSlices(self.images[idx], self.labels[idx], [self.case_ids[i] for i in idx])
-
-    def save(self, directory: str | Path) -> None:
-        """Write the slices as .npy files (case ids last), so that training processes can memory-map them."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for name in ("images", "labels"):
-            atomic_save_npy(directory / f"{name}.npy", getattr(self, name))
-        atomic_write_json(directory / "case_ids.json", self.case_ids)
-
-    @classmethod
-    def open(cls, directory: str | Path) -> LabeledSlices:
-        """Slices written by `save`, memory-mapped read-only: each process pages in the batches it reads."""
-        directory = Path(directory)
-        images, labels = (np.load(directory / f"{name}.npy", mmap_mode="r") for name in ("images", "labels"))
-        return cls(images, labels, json.loads((directory / "case_ids.json").read_text()))
-
-
-def slices_from_arrays(
-    volume01: np.ndarray,
-    labels: np.ndarray,
-    axis: int,
-    size: int,
-    context: str,
-    case_id: str,
-    empty_fraction: float = 0.1,
-    rng: np.random.Generator | None = None,
-    indices: Sequence[int] | None = None,
-    affine: np.ndarray | None = None,
-) -> LabeledSlices:
-    """Labelled slices (and a share of empty body slices) of one volume, letterboxed for the model (oriented by
-    the volume's voxel-to-RAS `affine`; identity when not given)."""
-    rng = rng or np.random.default_rng(0)
-    depth = volume01.shape[axis]
-    candidates = list(range(depth)) if indices is None else list(indices)
-    chosen = []
-    for i in candidates:
-        if np.take(labels, i, axis=axis).any():
-            chosen.append(i)
-        elif (np.take(volume01, i, axis=axis) > 0.05).mean() > 0.05 and rng.random() < empty_fraction:
-            chosen.append(i)
-    if not chosen:
-        return LabeledSlices(np.zeros((0, 3, size, size), np.float16), np.zeros((0, size, size), np.uint8), [])
-    images = torch.as_tensor(np.stack([slice_stack(volume01, axis, i, context) for i in chosen]))
-    masks = torch.as_tensor(np.stack([np.take(labels, i, axis=axis) for i in chosen]).astype(np.int64))
-    letterbox = Letterbox.for_volume(affine, volume01.shape, axis, size)
-    return LabeledSlices(
-        letterbox.image(images).clamp(0, 1).numpy().astype(np.float16),
-        letterbox.label(masks).numpy().astype(np.uint8),
-        [case_id] * len(chosen),
-    )
-
-
-def load_labeled_cases(
-    cases: Sequence[tuple[str, str, str]],
-    size: int,
-    context: str = "single",
-    label_map: Callable[[np.ndarray, str], np.ndarray] | None = None,
-    window: IntensityWindow | None = None,
-    empty_fraction: float = 0.1,
-    seed: int = 0,
-) -> LabeledSlices:
-    """Read (case_id, image_path, label_path) triples one at a time into training slices."""
-    rng = np.random.default_rng(seed)
-    parts = []
-    for case_id, image_path, label_path in cases:
-        volume = load_volume(image_path)
-        labels, _ = load_label(label_path, like=volume)
-        if label_map is not None:
-            labels = label_map(labels, case_id)
-        scaled = normalise(volume.array, window or IntensityWindow.default_for(volume.modality))
-        parts.append(
-            slices_from_arrays(
-                scaled, labels, volume.axial_axis, size, context, case_id, empty_fraction, rng, affine=volume.affine
-            )
-        )
-    return concat_slices(parts, size)
-
-
-def concat_slices(parts: Sequence[LabeledSlices], size: int) -> LabeledSlices:
-    """Join several LabeledSlices."""
-    parts = [p for p in parts if len(p)]
-    if not parts:
-        return LabeledSlices(np.zeros((0, 3, size, size), np.float16), np.zeros((0, size, size), np.uint8), [])
-    return LabeledSlices(
-        np.concatenate([p.images for p in parts]),
-        np.concatenate([p.labels for p in parts]),
-        [c for p in parts for c in p.case_ids],
-    )
-
-
 def _augmenter(seed: int) -> Compose:
     # Small geometric/intensity changes only: flips would swap left/right organs.
     transform = Compose(
@@ -203,18 +115,9 @@ def _augmenter(seed: int) -> Compose:
     return transform
 
 
-def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** 0.9
-
-    return schedule
-
-
 @torch.no_grad()
 def evaluate_slices(
-    model: SamoraModel,
+    model: Segmenter,
     data: LabeledSlices,
     batch_size: int = 8,
     device: str = "cpu",
@@ -274,7 +177,7 @@ def _prompt_loss(model, emb, labels, rng, loss_fn, max_slices: int | None = None
     return sum(losses) / len(prompts) if losses else None
 
 
-def _optimizer(model: SamoraModel, config: FinetuneConfig) -> torch.optim.Optimizer:
+def _optimizer(model: Segmenter, config: FinetuneConfig) -> torch.optim.Optimizer:
     """AdamW over the stage's trainables; a pretrained prompt path learns at `prompt_lr_scale` x the rate."""
     trainable = {id(p) for p in model.trainable_parameters()}
     prompt_scale = config.prompt_lr_scale if model.backbone.pretrained else 1.0
@@ -336,7 +239,7 @@ class _StepModule(torch.nn.Module):
     """One step's forward as a module for DistributedDataParallel: encoder ("full") and head, plus the prompt
     path's loss on this rank's real rows, so that every trained parameter is used inside forward."""
 
-    def __init__(self, model: SamoraModel, encode: bool, prompt_loss: PromptLoss | None, prompt_slices) -> None:
+    def __init__(self, model: Segmenter, encode: bool, prompt_loss: PromptLoss | None, prompt_slices) -> None:
         super().__init__()
         self.model, self.encode, self.prompt_loss, self.prompt_slices = model, encode, prompt_loss, prompt_slices
 
@@ -365,7 +268,7 @@ def _gathered(out: dict[str, torch.Tensor], y: torch.Tensor, counts: list[int], 
 
 
 def finetune(
-    model: SamoraModel,
+    model: Segmenter,
     train: LabeledSlices,
     config: FinetuneConfig,
     val: LabeledSlices | None = None,
@@ -414,66 +317,32 @@ def _train_loop(model, train, config, val, on_epoch, should_stop, on_encode, ctx
     train_emb = _embed_for_training(model, train, config, root, ctx, on_encode) if cached else None
     val_emb = _embed_for_training(model, val, config, root, ctx, on_encode) if cached else None
     encode_s = time.perf_counter() - start
-    params = model.trainable_parameters()
-    optimizer = _optimizer(model, config)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total = min(total, config.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(total, max(1, int(total * config.warmup_fraction)))
-    )
-    seg_loss = SegmentationLoss(config.ce_weight)
-    batches = _Batches(train, config, train_emb)
-    order_rng = np.random.default_rng(config.seed)  # the same epoch orders on every rank
-    prompt_rng = np.random.default_rng([config.seed, 1, ctx.rank])  # simulated prompts: per rank
-    hsam = model.config.decoder == "hsam"
-    has_prompt = config.prompt_training and model.prompt_head is not None
-    prompt_loss = PromptLoss() if has_prompt else None
-    # find_unused: a step may leave the prompt path unused (no prompt on a rank's rows, or prompt training off)
-    step_module = wrap_ddp(_StepModule(model, not cached, prompt_loss, config.prompt_slices), ctx, find_unused=True)
+    stepper = _Stepper(model, train, config, train_emb, ctx)
     check, check_emb = _check_set(train, val, train_emb, val_emb, config.max_check_slices)
+    # the best epoch is chosen on the validation slices, or on training slices when there are none
+    dice_on = "validation" if val is not None and len(val) else "training"
     history: list[dict] = []
     best = {"metric": -math.inf, "epoch": -1, "state": None}
-    step = 0
     for epoch in range(config.epochs):
-        model.train()
-        order = order_rng.permutation(len(train))
-        losses = []
-        for b in range(0, len(order), config.batch_size):
-            batch = order[b : b + config.batch_size]
-            positions, counts = _rank_rows(batch, ctx)
-            x, y = batches(batch[positions], [_sample_seed(config.seed, step, int(p)) for p in positions])
-            out, extra = step_module(x, y, counts[ctx.rank], prompt_rng)
-            loss = seg_loss(*_gathered(out, y, counts, ctx), epoch, hsam)
-            if extra is not None:
-                loss = loss + extra
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(mean_over_ranks(float(loss.detach()), ctx))
-            step += 1
-            if step >= total or any_rank(bool(should_stop and should_stop()), ctx):
-                break
+        losses = stepper.epoch(epoch, should_stop)
         metric = evaluate_slices(model, check, config.batch_size, device, check_emb)
         record = {
             "epoch": epoch + 1,
             "total_epochs": config.epochs,
             "loss": float(np.mean(losses)),
-            "val_dice": metric,
-            "step": step,
+            "selection_dice": metric,  # Dice of the best-epoch choice, measured on `dice_on` slices
+            "dice_on": dice_on,
+            "step": stepper.step,
             "elapsed_s": time.perf_counter() - start,
         }
         history.append(record)
         if ctx.is_main:
-            log.info("epoch %d/%d loss %.4f val dice %.4f", epoch + 1, config.epochs, record["loss"], metric)
+            log.info("epoch %d/%d loss %.4f %s dice %.4f", epoch + 1, config.epochs, record["loss"], dice_on, metric)
         if not math.isnan(metric) and metric > best["metric"]:
             best = {"metric": metric, "epoch": epoch + 1, "state": copy.deepcopy(model.saved_state())}
         if on_epoch is not None:
             on_epoch({**record, "best_metric": best["metric"]})
-        if step >= total or any_rank(bool(should_stop and should_stop()), ctx):
+        if stepper.step >= stepper.total or any_rank(bool(should_stop and should_stop()), ctx):
             break
     if best["state"] is not None:
         model.load_state_dict(best["state"], strict=False)
@@ -483,8 +352,59 @@ def _train_loop(model, train, config, val, on_epoch, should_stop, on_encode, ctx
         "history": history,
         "best_metric": best["metric"],
         "best_epoch": best["epoch"],
-        "steps": step,
+        "steps": stepper.step,
         "total_time": time.perf_counter() - start,
         "encode_time": encode_s,
         "mode": config.mode,
     }
+
+
+class _Stepper:
+    """The optimiser steps of stage 2: optimiser, LR schedule, losses and the per-step random streams."""
+
+    def __init__(self, model: Segmenter, train: LabeledSlices, config: FinetuneConfig, embeddings, ctx) -> None:
+        cached = config.mode == "cached"
+        self.model, self.train, self.config, self.ctx = model, train, config, ctx
+        self.params = model.trainable_parameters()
+        self.optimizer = _optimizer(model, config)
+        total = math.ceil(len(train) / config.batch_size) * config.epochs
+        self.total = min(total, config.max_steps) if config.max_steps else total
+        schedule = warmup_poly(self.total, warmup_steps(self.total, config.warmup_fraction))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.seg_loss = SegmentationLoss(config.ce_weight)
+        self.batches = _Batches(train, config, embeddings)
+        self.order_rng = np.random.default_rng(config.seed)  # the same epoch orders on every rank
+        self.prompt_rng = np.random.default_rng([config.seed, 1, ctx.rank])  # simulated prompts: per rank
+        self.hsam = model.config.decoder == "hsam"
+        has_prompt = config.prompt_training and model.prompt_head is not None
+        prompt_loss = PromptLoss() if has_prompt else None
+        # find_unused: a step may leave the prompt path unused (no prompt on a rank's rows, or prompt training off)
+        step_module = _StepModule(model, not cached, prompt_loss, config.prompt_slices)
+        self.step_module = wrap_ddp(step_module, ctx, find_unused=True)
+        self.step = 0
+
+    def epoch(self, epoch: int, should_stop: Callable[[], bool] | None) -> list[float]:
+        """One pass over the training slices in a fresh order (fewer steps at the step limit or on a stop);
+        returns each step's loss averaged over ranks."""
+        config, ctx = self.config, self.ctx
+        self.model.train()
+        order = self.order_rng.permutation(len(self.train))
+        losses = []
+        for b in range(0, len(order), config.batch_size):
+            batch = order[b : b + config.batch_size]
+            positions, counts = _rank_rows(batch, ctx)
+            x, y = self.batches(batch[positions], [_sample_seed(config.seed, self.step, int(p)) for p in positions])
+            out, extra = self.step_module(x, y, counts[ctx.rank], self.prompt_rng)
+            loss = self.seg_loss(*_gathered(out, y, counts, ctx), epoch, self.hsam)
+            if extra is not None:
+                loss = loss + extra
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            losses.append(mean_over_ranks(float(loss.detach()), ctx))
+            self.step += 1
+            if self.step >= self.total or any_rank(bool(should_stop and should_stop()), ctx):
+                break
+        return losses

@@ -22,7 +22,8 @@ from samora.ssl.objectives import (
     load_teacher,
     nt_xent,
 )
-from samora.ssl.trainer import SSLSettings, pretrain, train_expert
+from samora.ssl.pretraining import pretrain
+from samora.ssl.trainer import SSLSettings, train_expert
 
 __all__ = [
     "EXPERT_FORMAT",

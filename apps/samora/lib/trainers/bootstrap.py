@@ -10,14 +10,13 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.trainers.processes import REQUEST_DEFAULTS, jobs_root, request_plan
 from lib.trainers.stats import StatsFile
+from samora.config import EXPERTS
 from samora.distributed.jobs import run_pretrain_job
 from samora.serving.runtime import ModelRuntime
 from samora.serving.validation import positive_int_param
-from samora.ssl.trainer import pretrain
+from samora.ssl.pretraining import pretrain
 
 log = logging.getLogger(__name__)
-
-LEVELS = ("image", "patch", "pixel")
 
 
 class SamoraBootstrapTrainer(TrainTask):
@@ -43,15 +42,18 @@ class SamoraBootstrapTrainer(TrainTask):
         if not ids:
             raise ValueError("the datastore has no images to pretrain on")
         studies = [datastore.get_image_uri(i) for i in sorted(ids)]
-        total = params["max_steps"] * len(LEVELS)
+        total = params["max_steps"] * len(EXPERTS)
 
         def on_step(level: str, step: int, total_steps: int, loss: float) -> None:
-            done = LEVELS.index(level) * params["max_steps"] + step
+            done = EXPERTS.index(level) * params["max_steps"] + step
             if step % 10 == 0 or step == total_steps:
                 self.stats_file.write(
                     {
                         "status": "RUNNING",
                         "level": level,
+                        "step": done,  # over all levels
+                        "total_steps": total,
+                        # MONAI Label's progress fields, which viewers read; stage 1 counts steps, not epochs
                         "epoch": done,
                         "total_epochs": total,
                         "loss": loss,
@@ -65,9 +67,9 @@ class SamoraBootstrapTrainer(TrainTask):
             "studies": studies,
             "out_dir": str(self.runtime.store.experts_dir),
             "model_config": self.runtime.settings.model_config().to_dict(),
-            "levels": list(LEVELS),
+            "levels": list(EXPERTS),
+            "settings": {"batch_size": params["batch_size"]},
             "max_steps": params["max_steps"],
-            "batch_size": params["batch_size"],
             "device": self.runtime.settings.device,
         }
         if plan.launches:
@@ -76,7 +78,9 @@ class SamoraBootstrapTrainer(TrainTask):
             summary = pretrain(**arguments, progress=False, log=log.info, on_step=on_step)
         final = {
             "status": "DONE",
-            "epoch": total,
+            "step": total,
+            "total_steps": total,
+            "epoch": total,  # MONAI Label's progress fields (steps here)
             "total_epochs": total,
             "best_metric": 0,
             "total_time": f"{time.time() - start:.0f}s",
