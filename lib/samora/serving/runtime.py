@@ -13,6 +13,8 @@ import torch
 
 from samora.data import Letterbox, Volume, load_volume, slice_stack
 from samora.engine.embeddings import EmbeddingStore
+from samora.engine.encoder_path import PATHS, PathEncoder, ProbeResult
+from samora.engine.encoder_path import select as select_encoder_path
 from samora.engine.inference import normalised_volume
 from samora.engine.store import ModelStore
 from samora.model import SamoraModel
@@ -39,6 +41,8 @@ class ModelRuntime:
         self._volumes: OrderedDict[str, tuple[float, Volume, np.ndarray]] = OrderedDict()
         self._cache_size = embedding_cache_size
         self.encoder_calls = 0  # encoded slices; lets tests and logs show the cache working
+        self.encoder_choice: ProbeResult | None = None  # chosen once per process (conf encoder_path, probe)
+        self._encoder: PathEncoder | None = None  # the chosen path applied to the current model
 
     def _experts_stamp_now(self) -> float | None:
         files = self.store.expert_files()
@@ -62,6 +66,23 @@ class ModelRuntime:
             self._embeddings.clear()
             log.info("serving model version %d", version)
             return version, model
+
+    def encoder(self) -> PathEncoder:
+        """The current model's encoder on the chosen inference path (float32 embeddings). The path is chosen on the
+        first call (probe when conf encoder_path is auto), so task subprocesses that never encode never probe."""
+        with self._lock:
+            _, model = self.model()
+            if self.encoder_choice is None:
+                self.encoder_choice = select_encoder_path(model, self.settings.device, self.settings.encoder_path)
+                log.info("encoder path: %s", self.encoder_choice.chosen)
+            if self._encoder is None or self._encoder.model is not model:
+                self._encoder = PathEncoder(model, PATHS[self.encoder_choice.chosen], self.settings.device)
+            return self._encoder
+
+    def encoder_info(self) -> dict:
+        """The chosen encoder path and what the probe measured (for /info and logs)."""
+        self.encoder()
+        return self.encoder_choice.to_dict()
 
     def fresh_model(self) -> SamoraModel:
         """An untrained model with the SSL experts loaded when the bootstrap has produced them."""
@@ -91,7 +112,11 @@ class ModelRuntime:
     def embedding_store(self, model: SamoraModel) -> EmbeddingStore | None:
         """The on-disk slice embeddings this model's encoder shares with training and scoring (None: conf off)."""
         budget = int(self.settings.embedding_cache_gb * 2**30)
-        return EmbeddingStore(self.store.root / "embeddings", model, max_bytes=budget) if budget else None
+        if not budget:
+            return None
+        encoder = self.encoder() if model is self._model else None
+        path = encoder.path.name if encoder is not None else "fp32"
+        return EmbeddingStore(self.store.root / "embeddings", model, budget, encoder=encoder, path_name=path)
 
     @torch.no_grad()
     def slice_embedding(self, path: str, index: int) -> torch.Tensor:
@@ -106,7 +131,7 @@ class ModelRuntime:
                 return hit
         stack = torch.as_tensor(slice_stack(scaled, volume.axial_axis, index, model.config.context))[None]
         letterbox = Letterbox.for_volume(volume.affine, volume.shape, volume.axial_axis, model.config.image_size)
-        embedding = model.encode(letterbox.image(stack).to(self.settings.device))
+        embedding = self.encoder()(letterbox.image(stack).to(self.settings.device))
         with self._lock:
             self.encoder_calls += 1
             self._embeddings[key] = embedding

@@ -35,6 +35,7 @@ class SamoraPrompt(InferTask):
         untrained = "pretrained prompt path" if self.runtime.settings.pretrained else "random-initialised prompt path"
         info["status"] = f"model version {model['version']}" if model["trained"] else untrained
         info["model"] = model
+        info["encoder_path"] = self.runtime.encoder_info()
         return info
 
     def __call__(self, request) -> tuple[str, dict]:
