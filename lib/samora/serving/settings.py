@@ -108,6 +108,9 @@ class AppSettings:
     # how the server runs the encoder (samora.engine.encoder_path): auto = a short probe at start-up keeps the
     # fastest path whose embedding stays within tolerance of fp32; or force fp32, fp32-fused, bf16, bf16-cl, fp16
     encoder_path: str = "auto"
+    # memory budget of the server's slice embeddings (float16, 2 MiB per LiteMedSAM slice: 1024 MB holds 512 slices,
+    # five 100-slice studies), shared by prompts, auto-segmentation and scoring; least recently used dropped first
+    embedding_memory_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         if self.image_size == 0:
@@ -191,6 +194,8 @@ class AppSettings:
             raise SettingsError("conf epochs: must be >= 0 (0 = the training mode's default)")
         if self.embedding_cache_gb < 0:
             raise SettingsError("conf embedding_cache_gb: must be >= 0 (0 = no embedding cache)")
+        if self.embedding_memory_mb < 0:
+            raise SettingsError("conf embedding_memory_mb: must be >= 0 (0 = no in-memory embedding cache)")
         if self.dist_cpu_processes < 0:
             raise SettingsError("conf dist_cpu_processes: must be >= 0 (0 = one process without a GPU)")
         if self.train_every < 0:

@@ -9,8 +9,18 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.errors import infer_errors
 from samora.data import save_label
-from samora.serving.interactive import parse_prompt, refine
+from samora.serving.interactive import Prompt, parse_prompt, refine
 from samora.serving.runtime import ModelRuntime
+
+
+def prompt_slice(prompt: Prompt) -> int | None:
+    """The axial slice a prompt is about: its slice, its ROI's middle, or its first click (None: unknown)."""
+    if prompt.slice is not None:
+        return prompt.slice
+    if prompt.roi is not None:
+        return (prompt.roi[4] + prompt.roi[5]) // 2
+    clicks = prompt.foreground + prompt.background
+    return clicks[0][2] if clicks else None
 
 
 class SamoraPrompt(InferTask):
@@ -45,10 +55,13 @@ class SamoraPrompt(InferTask):
     def _run(self, request) -> tuple[str, dict]:
         start = time.perf_counter()
         prompt = parse_prompt(request, list(self.runtime.settings.labels))
+        # the rest of the study is encoded in the background, nearest this prompt first, paused while we answer
+        self.runtime.prefetch(request["image"], prompt_slice(prompt))
         before = self.runtime.encoder_calls
-        mask, info = refine(
-            self.runtime, request["image"], prompt, min_stability=self.runtime.settings.propagation_stability
-        )
+        with self.runtime.prefetcher.foreground():
+            mask, info = refine(
+                self.runtime, request["image"], prompt, min_stability=self.runtime.settings.propagation_stability
+            )
         volume, _ = self.runtime.volume(request["image"])
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         save_label(mask, volume.affine, out)
