@@ -55,10 +55,10 @@ class SamoraPrompt(InferTask):
     def _run(self, request) -> tuple[str, dict]:
         start = time.perf_counter()
         prompt = parse_prompt(request, list(self.runtime.settings.labels))
-        # the rest of the study is encoded in the background, nearest this prompt first, paused while we answer
-        self.runtime.prefetch(request["image"], prompt_slice(prompt))
         before = self.runtime.encoder_calls
         with self.runtime.prefetcher.foreground():
+            # the rest of the study is encoded in the background, nearest this prompt first, once we have answered
+            self.runtime.prefetch(request["image"], prompt_slice(prompt))
             mask, info = refine(
                 self.runtime, request["image"], prompt, min_stability=self.runtime.settings.propagation_stability
             )
