@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from common import DATA, PSEUDO_LABEL_NOTE, command_line, init_worker, machine_info, md_table, now_utc, write_json
-from zeroshot import EncodeClock, encode_slices, open_scan, organ_ids, per_slice, read_names, scores
+from zeroshot import EncodeClock, encode_slices, open_scan, organ_ids, per_slice, present_slices, read_names, scores
 
 from samora.data.intensity import set_ct_window
 from samora.serving.runtime import ModelRuntime
@@ -27,17 +27,20 @@ SCAN = "ct_abdomen_totalseg"
 MAX_DICE_DELTA = 0.005
 
 
-def run_path(path: str, folder: Path, cache: Path | None) -> dict:
-    """Protocol (a) Dice per organ with the encoder on `path`, and its encoding seconds per slice."""
+def run_path(path: str, folder: Path, cache: Path | None, only: list[str] | None = None) -> dict:
+    """Protocol (a) Dice per organ (all, or those named in `only`) with the encoder on `path`, and its encoding
+    seconds per slice (only the slices holding those organs are encoded)."""
     settings = AppSettings(encoder_path=path)
     set_ct_window(settings.window())
     with tempfile.TemporaryDirectory(prefix="samora-guard-") as model_dir:
         runtime = ModelRuntime(settings, model_dir=model_dir)
         clock = EncodeClock(runtime, cache)
         scan = open_scan(runtime, clock, folder, settings.propagation_stability)
-        encode = encode_slices(scan, list(range(scan.shape[scan.axis])))
+        chosen = [(i, n) for i, n in organ_ids(scan, read_names(folder), quick=False) if not only or n in only]
+        holding = np.unique(np.concatenate([present_slices(scan.truth == i, scan.axis) for i, _ in chosen]))
+        encode = encode_slices(scan, [int(k) for k in holding])
         organs = {}
-        for organ_id, name in organ_ids(scan, read_names(folder), quick=False):
+        for organ_id, name in chosen:
             truth = scan.truth == organ_id
             pred, _ = per_slice(scan, truth)
             organs[name] = scores(scan, pred, truth)["dice"]
@@ -59,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--embedding-cache", default=None, help="reuse embeddings across reruns (zeroshot.py's)")
+    parser.add_argument("--organs", nargs="*", default=None, help="only these organs (default: every organ present)")
     args = parser.parse_args(argv)
     init_worker(args.threads)
     wall, load_start = time.perf_counter(), os.getloadavg()
     cache = Path(args.embedding_cache) if args.embedding_cache else None
     folder = Path(args.data) / SCAN
-    runs = {name: run_path(name, folder, cache) for name in ("fp32", args.path)}
+    runs = {name: run_path(name, folder, cache, args.organs) for name in ("fp32", args.path)}
     record = {
         "benchmark": "encoder_guard",
         "command": command_line(),
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(1, args.threads),
         "scan": SCAN,
         "protocol": "a: per-slice truth box, mask = logits > 0, whole-organ 3D Dice",
+        "organs": args.organs or "all present",
         "labels": PSEUDO_LABEL_NOTE,
         "runs": runs,
         **compare(runs["fp32"], runs[args.path]),
