@@ -212,7 +212,7 @@ def markdown(record: dict) -> str:
     a = record["autoseg"]
     if a:
         text += f"\n\nAuto-segmentation end to end: {a['seconds']:.1f} s for {a['slices']} slices (load {a['load1']})."
-    text += f"\nPeak RSS {record['peak_rss_mb']:.0f} MB; load {record['load1_start']} -> {record['load1_end']}."
+    text += f"\n\nPeak RSS {record['peak_rss_mb']:.0f} MB; load {record['load1_start']} -> {record['load1_end']}."
     return text
 
 
