@@ -99,80 +99,18 @@ def _rel(arg: str) -> str:
 
 
 def speed_markdown(record: dict) -> str:
-    """The speed section from bench/speed.py's JSON."""
-    rows = []
-    for r in record["rows"]:
-        rows.append(
-            [
-                "CPU",
-                r["preset"],
-                r["image_size"],
-                f"{r['autoseg_s_per_volume']:.2f} ({r['autoseg_slices_measured']} slices timed)",
-                f"{r['prompt_cached_ms']:.1f}",
-                f"{r['prompt_reencode_ms']:.1f}",
-                f"{r['ssl_encoder_steps_per_s_batch2']:.2f}",
-                f"{r['finetune_steps_per_s_batch2']:.2f}",
-                f"{r['peak_rss_mb']:.0f}",
-            ]
-        )
-        rows.append(["GPU", r["preset"], r["image_size"], *["not measured (no GPU lent)"] * 6])
+    """The speed section from bench/speed.py's JSON (its own tables)."""
+    from speed import markdown
+
     m = record["machine"]
-    out = [
-        "## 4. Speed and memory",
-        "",
-        f"`{record['command']}` on {m['platform']}, {m['cpus']} torch threads, torch {m['torch']}, {record['date']}. "
-        f"Weights: {record['weights']} (speed does not depend on their values). Volume: "
-        f"{record['volume']['shape']} voxels; auto-segmentation time is per whole volume (extrapolated from the "
-        "slices timed). SSL/fine-tune steps: batch 2 at the model's input size.",
-        "",
-        md_table(
-            [
-                "device",
-                "preset",
-                "S",
-                "auto-seg s/volume",
-                "prompt cached ms",
-                "prompt re-encode ms",
-                "SSL steps/s",
-                "fine-tune steps/s",
-                "peak RSS MB",
-            ],
-            rows,
-        ),
-    ]
-    segresnet = record.get("segresnet_s_per_volume")
-    if segresnet is not None:
-        ratios = ", ".join(
-            f"{r['preset']}@{r['image_size']} {r['autoseg_s_per_volume'] / segresnet:.2g}x" for r in record["rows"]
-        )
-        out += [
-            "",
-            f"Peer: MONAI SegResNet (radiology sample app's `segmentation` size), sliding window 96^3 on the same "
-            f"volume: {segresnet:.2f} s. SAMora auto-segmentation time relative to it: {ratios}.",
-        ]
-    speedups = ", ".join(
-        f"{r['preset']}@{r['image_size']} {r['prompt_reencode_ms'] / r['prompt_cached_ms']:.0f}x"
-        for r in record["rows"]
+    return (
+        "## 4. Speed and memory\n\n"
+        f"`{record['command']}` on {m.get('platform', '')}, device {m.get('device', 'cpu')}, {record['date']}. "
+        "LiteMedSAM with its bundled weights, the app's prompt path and auto-segmentation (in-process runtime); "
+        "the 1-min load average is given beside each figure (the machine may be shared).\n\n"
+        + markdown(record)
+        + "\n"
     )
-    out += ["", f"A click on a cached slice embedding vs re-encoding the slice for every click: {speedups} faster."]
-    ssl_rows = [r for r in record["rows"] if "ssl_slices_per_s_batch2" in r]
-    if ssl_rows:
-        levels = list(ssl_rows[0]["ssl_slices_per_s_batch2"])
-        out += [
-            "",
-            "Stage-1 throughput per objective (the real objective: its expert, head, augmentation and loss; batch 2, "
-            "slices of the same volume; `samora.ssl.train_expert`'s own slices/s after a warm-up step):",
-            "",
-            md_table(
-                ["device", "preset", "S", *[f"SSL {lv} slices/s" for lv in levels]],
-                [
-                    ["CPU", r["preset"], r["image_size"], *[f"{r['ssl_slices_per_s_batch2'][lv]:.2f}" for lv in levels]]
-                    for r in ssl_rows
-                ]
-                + [["GPU", r["preset"], r["image_size"], *["not measured"] * len(levels)] for r in ssl_rows],
-            ),
-        ]
-    return "\n".join(out) + "\n"
 
 
 def load_markdown(record: dict) -> str:

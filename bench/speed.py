@@ -1,176 +1,219 @@
-"""Speed and memory on this machine: auto-segmentation per volume, prompt latency, SSL and fine-tuning steps/s.
+"""Interactive speed of the default LiteMedSAM server on this machine, in one run (issue 13).
 
-Backbones are random-initialised unless --checkpoint is given (no weights can be downloaded here); speed does not
-depend on the weights' values. Writes a JSON file and prints a markdown table.
+Measures: each encoder inference path (s/slice, GFLOP/s achieved, and that as a fraction of this machine's own
+measured matmul peak for the same dtype); prompt round trips through the in-process runtime (a click on a cold slice,
+the same click on a warm one, a 3D box over --box-slices slices cold and repeated with a changed click);
+auto-segmentation of the whole volume end to end; peak RSS. Prints the command, the machine and the tables, and
+writes --out (JSON). The machine may be shared: the 1-min load average is recorded beside every figure.
 
-    python bench/speed.py --volume ../shared/data/ct_abdomen_totalseg/image.nii.gz --out docs/speed.json [--quick]
+    python bench/speed.py [--device cpu|cuda] [--out docs/results/speed.json] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
+import os
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from common import DATA, command_line
+from common import DATA, command_line, machine_info, md_table, now_utc, write_json
+from torch.utils.flop_counter import FlopCounterMode
 
-from samora.config import EXPERTS, ModelConfig
-from samora.data import SliceCache, load_volume
+from samora.data import load_volume
+from samora.data.intensity import set_ct_window
+from samora.engine.encoder_path import PATHS, PathEncoder, candidates
 from samora.engine.inference import segment_volume
-from samora.engine.losses import SegmentationLoss
-from samora.model import SamoraModel
-from samora.serving.interactive import Prompt, decode_slice_prompt, slice_letterbox, slice_prompts
-from samora.ssl import train_expert
-from samora.ssl.trainer import SSLSettings
+from samora.serving.interactive import Prompt, refine
+from samora.serving.runtime import ModelRuntime
+from samora.serving.settings import AppSettings
+
+
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fn, repeat: int = 1) -> float:
-    """Mean wall seconds of `repeat` calls after one warm-up call."""
-    fn()
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n matmul in `dtype` on this device: the machine's own reference peak."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    sync(device)
     start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def segresnet_seconds(volume) -> float:
-    """MONAI SegResNet (radiology sample app's `segmentation` network size) on the same volume, sliding window."""
-    from monai.inferers import sliding_window_inference
-    from monai.networks.nets import SegResNet
-
-    net = SegResNet(
-        spatial_dims=3, in_channels=1, out_channels=9, init_filters=32, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1)
-    ).eval()
-    x = torch.as_tensor(np.clip((volume.array + 125) / 400, 0, 1), dtype=torch.float32)[None, None]
-    with torch.no_grad():
-        return timed(lambda: sliding_window_inference(x, (96, 96, 96), 1, net, overlap=0.25))
+def encoder_gflop(runtime: ModelRuntime, image: torch.Tensor) -> float:
+    """GFLOP of one slice's encoding (matmuls and convolutions, torch's flop counter)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        PathEncoder(runtime.model()[1], PATHS["fp32"], runtime.settings.device)(image)
+    return counter.get_total_flops() / 1e9
 
 
-def ssl_slices_per_second(model: SamoraModel, volume_path: str, steps: int, batch_size: int) -> dict[str, float]:
-    """Slices/s of each real stage-1 objective (its expert, head and loss), from `steps` steps after the first one."""
-    rates = {}
-    with tempfile.TemporaryDirectory(prefix="samora-speed-") as tmp:
-        cache = SliceCache.build([volume_path], Path(tmp) / "cache", model.config.image_size, progress=False)
-        for level in EXPERTS:
-            settings = SSLSettings(batch_size=batch_size, num_workers=0)
-            # one warm-up step (allocator, first-call overheads), then the timed run resumes from its checkpoint
-            train_expert(model, level, cache, Path(tmp) / level, 1, settings, progress=False)
-            summary = train_expert(model, level, cache, Path(tmp) / level, 1 + steps, settings, progress=False)
-            rates[level] = summary["slices_per_second"]
-    return rates
-
-
-def bench_model(preset: str, size: int, volume, checkpoint: str | None, quick: bool) -> dict:
-    """All timings for one backbone preset and input size."""
-    model = SamoraModel(ModelConfig(preset=preset, image_size=size, checkpoint=checkpoint)).eval()
-    row = {"preset": preset, "image_size": size}
-    seg_volume = volume
-    slab = 8 if quick else (16 if preset != "tiny" else None)  # a central slab keeps big presets inside the budget
-    if slab:
-        mid = volume.shape[2] // 2
-        part = volume.array[:, :, mid - slab // 2 : mid + slab // 2].copy()
-        seg_volume = type(volume)(part, volume.affine, volume.path, volume.modality)
-    start = time.perf_counter()
-    result = segment_volume(model, seg_volume, batch_size=4)
-    seconds = time.perf_counter() - start
-    slices = seg_volume.shape[seg_volume.axial_axis]
-    row["autoseg_s_per_volume"] = seconds * volume.shape[volume.axial_axis] / slices
-    row["autoseg_slices_measured"] = slices
-    assert result.labels.shape == seg_volume.shape
-    x = torch.rand(1, 3, size, size)
-    with torch.no_grad():
-        emb = model.encode(x)
-        prompt = slice_prompts(Prompt("liver", foreground=[(60, 50, 0)]), 2, (122, 101, 1), size)[0]
-        letterbox = slice_letterbox((122, 101, 1), 2, size)
-        row["prompt_cached_ms"] = 1000 * timed(lambda: decode_slice_prompt(model, emb, prompt, letterbox), 5)
-        row["prompt_reencode_ms"] = 1000 * timed(
-            lambda: decode_slice_prompt(model, model.encode(x), prompt, letterbox), 2
+def bench_paths(runtime: ModelRuntime, image: torch.Tensor, names: list[str], repeats: int) -> list[dict]:
+    """s/slice, GFLOP/s and fraction of the dtype's matmul peak of each path, on a real CT slice."""
+    device = runtime.settings.device
+    gflop = encoder_gflop(runtime, image)
+    peaks = {None: matmul_peak(device, torch.float32), torch.bfloat16: matmul_peak(device, torch.bfloat16)}
+    if device.startswith("cuda"):
+        peaks[torch.float16] = matmul_peak(device, torch.float16)
+    rows, reference = [], None
+    for name in names:
+        encoder = PathEncoder(runtime.model()[1], PATHS[name], device)
+        out = encoder(image)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = encoder(image)
+        sync(device)
+        seconds = (time.perf_counter() - start) / repeats
+        reference = out if reference is None else reference
+        peak = peaks.get(PATHS[name].dtype, peaks[None])
+        rows.append(
+            {
+                "path": name,
+                "s_per_slice": seconds,
+                "gflop_per_slice": gflop,
+                "gflops": gflop / seconds,
+                "fraction_of_matmul_peak": gflop / seconds / peak,
+                "matmul_peak_gflops": peak,
+                "relative_error_vs_fp32": float((out - reference).norm() / reference.norm()),
+                "load1": load1(),
+            }
         )
-    model.set_stage("ssl-pixel")
-    batch = torch.rand(2, 3, size, size)
+        print(f"  {name}: {seconds:.3f} s/slice ({gflop / seconds:.0f} GFLOP/s), load {load1()}", flush=True)
+    return rows
 
-    def ssl_step():
-        model.encode(batch).pow(2).mean().backward()
 
-    row["ssl_encoder_steps_per_s_batch2"] = 1 / timed(ssl_step, 1 if quick else 3)
-    ssl_steps = 2 if quick or preset != "tiny" else 20
-    row["ssl_slices_per_s_batch2"] = ssl_slices_per_second(model, str(volume.path), ssl_steps, batch_size=2)
-    model.set_stage("finetune")
-    loss = SegmentationLoss()
-    labels = torch.randint(0, model.config.num_classes, (2, size, size))
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
-    def finetune_step():
-        loss(model(batch), labels, 0, False).backward()
 
-    row["finetune_steps_per_s_batch2"] = 1 / timed(finetune_step, 1 if quick else 3)
-    row["peak_rss_mb"] = peak_rss_mb()
+def bench_prompts(runtime: ModelRuntime, path: str, box_slices: int) -> dict:
+    """Round trips through refine() on a fresh cache: cold click, warm click, 3D box cold and repeated."""
+    volume, _ = runtime.volume(path)
+    shape = volume.shape
+    i, j, mid = shape[0] // 2, shape[1] // 2, shape[2] // 2
+    click = Prompt("liver", foreground=[(i, j, mid)])
+    moved = Prompt("liver", foreground=[(i + 2, j, mid)])
+    k0, k1 = max(0, mid - box_slices // 2), min(shape[2] - 1, mid + box_slices // 2 - 1)
+    box = Prompt("liver", roi=(i - 15, i + 15, j - 15, j + 15, k0, k1))
+    box_moved = Prompt("liver", foreground=[(i + 2, j, mid)], roi=box.roi)
+    calls = runtime.encoder_calls
+    row = {"click_cold_s": timed(lambda: refine(runtime, path, click))}
+    row["click_cold_encoded"] = runtime.encoder_calls - calls
+    row["click_warm_s"] = timed(lambda: refine(runtime, path, moved))
+    calls = runtime.encoder_calls
+    row["box3d_cold_s"] = timed(lambda: refine(runtime, path, box))
+    row["box3d_slices_encoded"] = runtime.encoder_calls - calls
+    row["box3d_repeat_changed_click_s"] = timed(lambda: refine(runtime, path, box_moved))
+    row["box_slices"] = k1 - k0 + 1
+    row["load1"] = load1()
     return row
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--volume", default=str(DATA / "ct_abdomen_totalseg" / "image.nii.gz"))
-    parser.add_argument("--out", default="docs/speed.json")
-    parser.add_argument("--checkpoint", default=None, help="official SAM checkpoint for vit_b (optional)")
-    parser.add_argument("--quick", action="store_true", help="tiny only, an 8-slice slab: CI smoke")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    volume = load_volume(args.volume)
-    configs = [("tiny", 128)] if args.quick else [("tiny", 128), ("vit_b", 512)]
-    rows = [bench_model(p, s, volume, args.checkpoint if p == "vit_b" else None, args.quick) for p, s in configs]
-    segresnet = None if args.quick else segresnet_seconds(volume)
-    report = {
-        "command": command_line(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "gpu": "not measured (no GPU lent)",
-        },
-        "volume": {"path": args.volume, "shape": list(volume.shape)},
-        "weights": "random-initialised backbones" if not args.checkpoint else args.checkpoint,
-        "rows": rows,
-        "segresnet_s_per_volume": segresnet,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        "| preset | S | auto-seg s/volume | prompt cached ms | prompt re-encode ms | SSL steps/s | "
-        "fine-tune steps/s | peak RSS MB |\n|---|---|---|---|---|---|---|---|"
+def bench_autoseg(runtime: ModelRuntime, path: str) -> dict:
+    """Auto-segmentation end to end (load, every slice encoded through the shared cache, decode), cold cache."""
+    runtime.embeddings.clear()
+    _, model = runtime.model()
+    start = time.perf_counter()
+    volume = load_volume(path)
+    result = segment_volume(
+        model, volume, batch_size=1, device=runtime.settings.device, embeddings=runtime.embedding_store(model)
     )
-    for r in rows:
-        print(
-            f"| {r['preset']} | {r['image_size']} | {r['autoseg_s_per_volume']:.2f} | {r['prompt_cached_ms']:.1f} | "
-            f"{r['prompt_reencode_ms']:.1f} | {r['ssl_encoder_steps_per_s_batch2']:.2f} | "
-            f"{r['finetune_steps_per_s_batch2']:.2f} | {r['peak_rss_mb']:.0f} |"
-        )
-    print("\n| preset | S | " + " | ".join(f"SSL {lv} slices/s" for lv in EXPERTS) + " |")
-    print("|---|---|" + "---|" * len(EXPERTS))
-    for r in rows:
-        rates = " | ".join(f"{r['ssl_slices_per_s_batch2'][lv]:.2f}" for lv in EXPERTS)
-        print(f"| {r['preset']} | {r['image_size']} | {rates} |")
-    if segresnet is not None:
-        print(f"MONAI SegResNet sliding-window on the same volume: {segresnet:.2f} s")
-    print(f"wrote {out}; command: {report['command']}; machine: {report['machine']}")
+    seconds = time.perf_counter() - start
+    slices = volume.shape[volume.axial_axis]
+    assert result.labels.shape == volume.shape
+    return {"seconds": seconds, "slices": slices, "s_per_slice": seconds / slices, "load1": load1()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--volume", default=str(DATA / "ct_abdomen_totalseg" / "image.nii.gz"))
+    parser.add_argument("--out", default="docs/results/speed.json")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed encodes per path (after one warm-up)")
+    parser.add_argument("--path", default="auto", help="encoder path of the prompt and auto-segmentation rows")
+    parser.add_argument("--box-slices", type=int, default=40)
+    parser.add_argument("--checkpoint", default=None, help="a LiteMedSAM-layout checkpoint instead of the bundled one")
+    parser.add_argument("--quick", action="store_true", help="1 repeat, an 8-slice box, no auto-segmentation")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device {args.device}: this machine has no CUDA GPU; nothing measured (run it on a GPU machine)")
+        return 2
+    torch.set_num_threads(args.threads)
+    settings = AppSettings(
+        device=args.device, encoder_path=args.path, embedding_cache_gb=0.0, checkpoint=args.checkpoint
+    )
+    set_ct_window(settings.window())
+    record = {"benchmark": "speed", "command": command_line(), "date": now_utc(), "load1_start": load1()}
+    record["machine"] = machine_info(1, args.threads) | {"device": args.device}
+    print(f"command: {record['command']}\nmachine: {record['machine']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="samora-speed-") as model_dir:
+        runtime = ModelRuntime(settings, model_dir)
+        image = runtime.slice_input(args.volume, load_volume(args.volume).shape[2] // 2).to(args.device)
+        names = candidates(args.device)
+        record["paths"] = bench_paths(runtime, image, names, 1 if args.quick else args.repeats)
+        record["chosen_path"] = runtime.encoder_info()
+        record["prompts"] = bench_prompts(runtime, args.volume, 8 if args.quick else args.box_slices)
+        record["autoseg"] = None if args.quick else bench_autoseg(runtime, args.volume)
+    record["peak_rss_mb"] = peak_rss_mb()
+    record["load1_end"] = load1()
+    write_json(Path(args.out), record)
+    print(markdown(record))
     return 0
+
+
+def markdown(record: dict) -> str:
+    """The tables of one run."""
+    base = record["paths"][0]["s_per_slice"]
+    rows = [
+        [
+            r["path"],
+            f"{r['s_per_slice']:.3f}",
+            f"{base / r['s_per_slice']:.2f}x",
+            f"{r['gflops']:.0f}",
+            f"{r['fraction_of_matmul_peak']:.2f} of {r['matmul_peak_gflops']:.0f}",
+            f"{r['relative_error_vs_fp32']:.4f}",
+            r["load1"],
+        ]
+        for r in record["paths"]
+    ]
+    head = ["path", "s/slice", "vs fp32", "GFLOP/s", "fraction of matmul peak (GFLOP/s)", "rel. error", "load"]
+    text = md_table(head, rows)
+    text += f"\n\nEncoder: {record['paths'][0]['gflop_per_slice']:.1f} GFLOP per slice. "
+    text += f"Chosen path: {record['chosen_path']['chosen']}.\n\n"
+    p = record["prompts"]
+    text += md_table(
+        ["click cold s", "click warm s", f"3D box ({p['box_slices']} slices) cold s", "3D box repeated s", "load"],
+        [
+            [f"{p['click_cold_s']:.2f}", f"{p['click_warm_s']:.3f}", f"{p['box3d_cold_s']:.1f}"]
+            + [f"{p['box3d_repeat_changed_click_s']:.2f}", p["load1"]]
+        ],
+    )
+    a = record["autoseg"]
+    if a:
+        text += f"\n\nAuto-segmentation end to end: {a['seconds']:.1f} s for {a['slices']} slices (load {a['load1']})."
+    text += f"\n\nPeak RSS {record['peak_rss_mb']:.0f} MB; load {record['load1_start']} -> {record['load1_end']}."
+    return text
 
 
 if __name__ == "__main__":

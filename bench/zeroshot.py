@@ -55,6 +55,7 @@ import samora
 from samora.data import Volume
 from samora.data.intensity import set_ct_window
 from samora.data.volumes import load_label
+from samora.io_utils import sha256_file
 from samora.metrics import class_metrics
 from samora.serving.interactive import (
     Prompt,
@@ -68,7 +69,7 @@ from samora.serving.interactive import (
     slice_letterbox,
 )
 from samora.serving.runtime import ModelRuntime
-from samora.serving.settings import AppSettings
+from samora.serving.settings import ENCODER_PATHS, AppSettings
 
 SCANS = ("ct_abdomen_totalseg", "mr_abdomen_totalseg")
 QUICK_ORGANS = ("liver", "spleen", "kidney_left", "kidney_right")
@@ -159,14 +160,17 @@ class EncodeClock:
         self.seconds, self.slices, self.from_disk = 0.0, 0, 0  # encodings: seconds (as measured), count, read back
         self._inner = runtime.slice_embedding
         self._loaded: dict[Path, torch.Tensor] = {}
+        self._content: dict[str, str] = {}
         self._tag = model_fingerprint(runtime) if cache_dir is not None else ""
         runtime.slice_embedding = self._timed  # type: ignore[method-assign]
 
     def _file(self, path: str, index: int) -> Path | None:
         if self.cache_dir is None:
             return None
-        stat = Path(path).stat()
-        key = hashlib.sha1(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self._tag}".encode())
+        # the volume's content, not its path or mtime: the cache survives the data being provisioned again
+        if path not in self._content:
+            self._content[path] = sha256_file(path)
+        key = hashlib.sha1(f"{self._content[path]}|{self._tag}".encode())
         return self.cache_dir / key.hexdigest()[:16] / f"slice{index:04d}.pt"
 
     def _timed(self, path: str, index: int) -> torch.Tensor:
@@ -211,6 +215,7 @@ ENCODING_SOURCES = (
     "config.py",
     "engine/inference.py",
     "serving/runtime.py",
+    "engine/encoder_path.py",
 )
 
 
@@ -218,7 +223,8 @@ def model_fingerprint(runtime: ModelRuntime) -> str:
     """Identity of what an embedding depends on: settings, the library code on the encoding path and the image
     encoder's weights."""
     s = runtime.settings
-    digest = hashlib.sha1(f"{s.preset}|{s.image_size}|{s.context}|{s.ct_window}|{samora.__version__}".encode())
+    path = runtime.encoder().path.name  # bf16 embeddings must never be read back for an fp32 run
+    digest = hashlib.sha1(f"{s.preset}|{s.image_size}|{s.context}|{s.ct_window}|{path}|{samora.__version__}".encode())
     package = Path(samora.__file__).parent
     for entry in ENCODING_SOURCES:
         files = sorted((package / entry).rglob("*.py")) if (package / entry).is_dir() else [package / entry]
@@ -573,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
         "version and encoder weights; delete it after changing the encoder or preprocessing code)",
     )
     parser.add_argument(
+        "--encoder-path",
+        default="fp32",
+        choices=ENCODER_PATHS,
+        help="how the encoder runs (conf encoder_path; default fp32, the reference); auto probes as the app does",
+    )
+    parser.add_argument(
         "--sweep",
         type=float,
         nargs="*",
@@ -586,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     wall, load_start = time.perf_counter(), os.getloadavg()
     init_worker(args.threads)
-    settings = AppSettings()
+    settings = AppSettings(encoder_path=args.encoder_path)
     set_ct_window(settings.window())  # as the app does at start
     record = new_record(args, settings)
     results_dir = Path(args.out) / "results"
@@ -616,7 +628,7 @@ def new_record(args: argparse.Namespace, settings: AppSettings) -> dict[str, Any
         "date": now_utc(),
         "machine": machine_info(1, args.threads),
         "quick": args.quick,
-        "settings": {k: getattr(settings, k) for k in ("preset", "image_size", "device", "ct_window")}
+        "settings": {k: getattr(settings, k) for k in ("preset", "image_size", "device", "ct_window", "encoder_path")}
         | {"propagation_stability": settings.propagation_stability},
         "protocols": PROTOCOLS,
         "anchor_b": ANCHOR_B,

@@ -49,6 +49,8 @@ def app_conf(tmp: Path, **overrides) -> dict[str, str]:
         "train_every": "0",
         "model_dir": str(tmp / "model"),
         "infer_batch_size": "8",
+        # fixed, not probed: a timing-dependent choice would make outputs differ between two app starts
+        "encoder_path": "fp32",
     }
     conf.update({k: str(v) for k, v in overrides.items()})
     return conf

@@ -18,6 +18,13 @@ def test_info_lists_tasks(client):
     assert set(info["models"]) == {"samora", "samora_prompt"}
     assert info["models"]["samora"]["type"] == "segmentation"
     assert info["models"]["samora_prompt"]["type"] == "deepgrow"
+    for name in ("samora", "samora_prompt"):  # the encoder path, here forced by the tests' conf (not probed)
+        assert info["models"][name]["encoder_path"] | {"rows": []} == {
+            "chosen": "fp32",
+            "forced": True,
+            "device": "cpu",
+            "rows": [],
+        }
     assert list(info["trainers"]) == ["samora", "samora_ssl"]
     assert "samora_uncertainty" in info["scoring"]
     assert {"uncertainty", "random", "first"} <= set(info["strategies"])

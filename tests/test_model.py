@@ -101,6 +101,38 @@ def test_hl_attn_fusion_starts_at_zero_and_learns():
         assert (model.encode(x) - frozen).abs().max() > 1e-4
 
 
+def _attend_calls(model: SamoraModel, x: torch.Tensor) -> int:
+    calls = []
+    for site in model.backbone.attention_sites():
+        inner = site.core.attend
+        site.core.attend = lambda qkv, y, inner=inner: calls.append(1) or inner(qkv, y)
+    model.encode(x)
+    for site in model.backbone.attention_sites():
+        del site.core.attend
+    return len(calls)
+
+
+def test_inference_skips_experts_that_add_exactly_zero():
+    model = tiny(fusion="reduced").eval()
+    sites = len(model.backbone.attention_sites())
+    x = torch.rand(1, 3, 128, 128)
+    for e in EXPERTS:
+        perturb_expert(model, e)
+    with torch.no_grad():
+        assert all(site.idle() for site in model.backbone.attention_sites())  # HL-Attn output still zero
+        assert _attend_calls(model, x) == sites  # the base attention only, not once per expert as well
+        for site in model.backbone.attention_sites():
+            torch.nn.init.normal_(site.fusion.up.weight, std=0.1)
+        assert not any(site.idle() for site in model.backbone.attention_sites())
+        assert _attend_calls(model, x) == sites * (1 + len(EXPERTS))
+    # with gradients (training) the full routing runs whatever the weights, so every part gets its gradient
+    model = tiny(fusion="sum").eval()
+    assert all(site.idle() for site in model.backbone.attention_sites())  # untrained experts: LoRA B is zero
+    assert _attend_calls(model, x) == sites * (1 + len(EXPERTS))
+    perturb_expert(model, EXPERTS[0])
+    assert not any(site.idle() for site in model.backbone.attention_sites())
+
+
 def test_reduced_fusion_is_smaller_than_full():
     reduced = tiny(fusion="reduced").parameter_report()["components"]["fusion"]
     full = tiny(fusion="full").parameter_report()["components"]["fusion"]

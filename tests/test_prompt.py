@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from app_helpers import app_conf, make_datastore, run_demo_once
+from model_helpers import make_everything_non_trivial
 
 import samora.serving.interactive as interactive
 from samora.data import PHANTOM_LABELS
@@ -238,15 +239,21 @@ def test_out_of_volume_prompt_fails_before_encoding(runtime, phantom):
     assert runtime.encoder_calls == 0
 
 
-def test_new_model_version_invalidates_the_cache(runtime, phantom):
+def test_new_encoder_state_invalidates_the_cache(runtime, phantom):
     params = _box_params(phantom["truth"] == PHANTOM_LABELS["liver"], "liver")
     _, info0, encoded0, _ = _run(runtime, phantom["path"], params)
     assert info0["model_version"] == 0 and encoded0 > 0
     _, model = runtime.model()
-    runtime.store.publish(model, metadata={"note": "test"})
-    _, info1, encoded1, requested1 = _run(runtime, phantom["path"], params)
-    assert info1["model_version"] == 1
-    assert encoded1 == len(set(requested1)) > 0  # stale embeddings of version 0 are never reused
+    runtime.store.publish(model, metadata={"note": "same encoder"})
+    _, info1, encoded1, _ = _run(runtime, phantom["path"], params)
+    # a version that did not change the encoder (cached training: heads only) keeps every embedding warm
+    assert info1["model_version"] == 1 and encoded1 == 0
+    make_everything_non_trivial(model)  # experts and HL-Attn now change the encoder's output
+    model.set_stage("inference")
+    runtime.store.publish(model, metadata={"note": "new encoder"})
+    _, info2, encoded2, requested2 = _run(runtime, phantom["path"], params)
+    assert info2["model_version"] == 2
+    assert encoded2 == len(set(requested2)) > 0  # stale embeddings of the old encoder are never reused
 
 
 def test_propagation_slices_are_cached(runtime, phantom, monkeypatch):

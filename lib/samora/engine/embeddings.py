@@ -51,10 +51,21 @@ class EmbeddingStore:
     """A folder of per-slice embeddings for one encoder state, shared by every process that uses the same folder
     (training, the server's auto-segmentation, scoring) and kept under a byte budget by dropping the oldest files."""
 
-    def __init__(self, root: str | Path, model: SamoraModel, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        model: SamoraModel,
+        max_bytes: int | None = None,
+        encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        path_name: str = "fp32",
+    ) -> None:
+        """`encoder` replaces model.encode (an inference path, samora.engine.encoder_path); its embeddings differ
+        from fp32 in the last bits, so a path other than fp32 gets its own folder."""
         self.root = Path(root)
-        self.directory = self.root / encoder_fingerprint(model)
+        fingerprint = encoder_fingerprint(model)
+        self.directory = self.root / (fingerprint if path_name == "fp32" else f"{fingerprint}-{path_name}")
         self.max_bytes = max_bytes
+        self.encoder = encoder
 
     def embed(
         self,
@@ -106,7 +117,7 @@ class EmbeddingStore:
     def _encode(self, model: SamoraModel, images: np.ndarray, keys: list[str], chunk: list[int], device) -> None:
         x = torch.as_tensor(images[chunk], dtype=torch.float32, device=device)
         with torch.no_grad():
-            embeddings = model.encode(x).cpu().numpy().astype(np.float16)
+            embeddings = (self.encoder or model.encode)(x).cpu().numpy().astype(np.float16)
         for i, embedding in zip(chunk, embeddings, strict=True):
             atomic_save_npy(self._path(keys[i]), embedding)
 

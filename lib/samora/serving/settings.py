@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from samora.backbones.presets import PRESETS
 from samora.config import DEFAULT_LABELS, ModelConfig
 from samora.data.intensity import IntensityWindow
+from samora.engine.encoder_path import CHOICES as ENCODER_PATHS
 from samora.serving.interactive import MIN_PROPAGATION_STABILITY
 from samora.serving.validation import parse_flag
 
@@ -104,6 +105,12 @@ class AppSettings:
     # a multi-GPU train request on a machine without a usable GPU: 0/1 trains in one process (logged), N > 1 runs N
     # gloo CPU processes instead (for tests and benchmarks of the multi-process path; no speed-up on few cores)
     dist_cpu_processes: int = 0
+    # how the server runs the encoder (samora.engine.encoder_path): auto = a short probe at start-up keeps the
+    # fastest path whose embedding stays within tolerance of fp32; or force fp32, fp32-fused, bf16, bf16-cl, fp16
+    encoder_path: str = "auto"
+    # memory budget of the server's slice embeddings (float16, 2 MiB per LiteMedSAM slice: 1024 MB holds 512 slices,
+    # five 100-slice studies), shared by prompts, auto-segmentation and scoring; least recently used dropped first
+    embedding_memory_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         if self.image_size == 0:
@@ -187,10 +194,14 @@ class AppSettings:
             raise SettingsError("conf epochs: must be >= 0 (0 = the training mode's default)")
         if self.embedding_cache_gb < 0:
             raise SettingsError("conf embedding_cache_gb: must be >= 0 (0 = no embedding cache)")
+        if self.embedding_memory_mb < 0:
+            raise SettingsError("conf embedding_memory_mb: must be >= 0 (0 = no in-memory embedding cache)")
         if self.dist_cpu_processes < 0:
             raise SettingsError("conf dist_cpu_processes: must be >= 0 (0 = one process without a GPU)")
         if self.train_every < 0:
             raise SettingsError("conf train_every: must be >= 0 (0 disables automatic training)")
+        if self.encoder_path not in ENCODER_PATHS:
+            raise SettingsError(f"conf encoder_path: {self.encoder_path!r} must be one of {', '.join(ENCODER_PATHS)}")
         if self.train_mode not in ("auto", "full", "cached"):
             raise SettingsError(f"conf train_mode: {self.train_mode!r} must be auto, full or cached")
         self.window()

@@ -9,8 +9,18 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.errors import infer_errors
 from samora.data import save_label
-from samora.serving.interactive import parse_prompt, refine
+from samora.serving.interactive import Prompt, parse_prompt, refine
 from samora.serving.runtime import ModelRuntime
+
+
+def prompt_slice(prompt: Prompt) -> int | None:
+    """The axial slice a prompt is about: its slice, its ROI's middle, or its first click (None: unknown)."""
+    if prompt.slice is not None:
+        return prompt.slice
+    if prompt.roi is not None:
+        return (prompt.roi[4] + prompt.roi[5]) // 2
+    clicks = prompt.foreground + prompt.background
+    return clicks[0][2] if clicks else None
 
 
 class SamoraPrompt(InferTask):
@@ -35,6 +45,7 @@ class SamoraPrompt(InferTask):
         untrained = "pretrained prompt path" if self.runtime.settings.pretrained else "random-initialised prompt path"
         info["status"] = f"model version {model['version']}" if model["trained"] else untrained
         info["model"] = model
+        info["encoder_path"] = self.runtime.encoder_info()
         return info
 
     def __call__(self, request) -> tuple[str, dict]:
@@ -45,9 +56,12 @@ class SamoraPrompt(InferTask):
         start = time.perf_counter()
         prompt = parse_prompt(request, list(self.runtime.settings.labels))
         before = self.runtime.encoder_calls
-        mask, info = refine(
-            self.runtime, request["image"], prompt, min_stability=self.runtime.settings.propagation_stability
-        )
+        with self.runtime.prefetcher.foreground():
+            # the rest of the study is encoded in the background, nearest this prompt first, once we have answered
+            self.runtime.prefetch(request["image"], prompt_slice(prompt))
+            mask, info = refine(
+                self.runtime, request["image"], prompt, min_stability=self.runtime.settings.propagation_stability
+            )
         volume, _ = self.runtime.volume(request["image"])
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
         save_label(mask, volume.affine, out)

@@ -55,6 +55,7 @@ class SamoraSegmentation(InferTask):
         reason = self.untrained_reason()
         info["status"] = "untrained: " + reason if reason else f"model version {self.runtime.store.current_version()}"
         info["model"] = self.runtime.store.summary()
+        info["encoder_path"] = self.runtime.encoder_info()
         return info
 
     def __call__(self, request) -> tuple[str, dict]:

