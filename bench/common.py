@@ -446,6 +446,7 @@ def finetune_config(
     seed: int,
     mode: str = "full",
     embedding_dir: str | None = None,
+    device: str = "cpu",
 ):
     """Stage-2 settings with a fixed optimiser-step budget (independent of how many slices are labelled).
 
@@ -465,6 +466,7 @@ def finetune_config(
         seed=seed,
         mode=mode,
         embedding_dir=embedding_dir,
+        device=device,
     )
 
 

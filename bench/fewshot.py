@@ -213,7 +213,7 @@ def test_organs(case: SimpleNamespace, split: Split) -> dict[str, int]:
 
 
 def segment_test_slabs(
-    model: Any, case: SimpleNamespace, split: Split, image_size: int, embeddings: Any = None
+    model: Any, case: SimpleNamespace, split: Split, image_size: int, embeddings: Any = None, device: str = "cpu"
 ) -> np.ndarray:
     """samora.engine.inference.segment_volume on each test slab (as its own volume), pasted into the full grid."""
     from samora.data import Volume
@@ -226,7 +226,9 @@ def segment_test_slabs(
         affine = case.volume.affine.copy()
         affine[:3, 3] = affine[:3, 3] + affine[:3, case.axis] * start  # the slab's own origin
         slab = Volume(case.volume.array[tuple(index)].copy(), affine, case.volume.path, "CT")
-        pred[tuple(index)] = segment_volume(model, slab, case.window, batch_size=8, embeddings=embeddings).labels
+        pred[tuple(index)] = segment_volume(
+            model, slab, case.window, batch_size=8, device=device, embeddings=embeddings
+        ).labels
     return pred
 
 
@@ -326,6 +328,7 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
         seed,
         mode=spec.train_mode,
         embedding_dir=settings["embedding_dir"] if cached else None,
+        device=settings["device"],
     )
     curve: list[dict[str, float]] = []
     record_curve = budget in settings["curve_budgets"]
@@ -345,7 +348,7 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
             {
                 "step": record["step"],
                 "epoch": record["step"] / every,
-                "heldout_dice": evaluate_slices(model, heldout, 8),
+                "heldout_dice": evaluate_slices(model, heldout, 8, settings["device"]),
                 "train_dice": record["selection_dice"],
                 "loss": record["loss"],
             }
@@ -354,7 +357,7 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
 
     history = finetune(model, train, config, val=None, on_epoch=on_epoch)
     embeddings = test_embeddings(model, settings) if cached else None
-    pred = segment_test_slabs(model, case, split, size, embeddings)
+    pred = segment_test_slabs(model, case, split, size, embeddings, settings["device"])
     return {
         "method": method,
         "budget": budget,
@@ -387,8 +390,14 @@ def run_zeroshot_job(settings: dict[str, Any], start: float) -> dict[str, Any]:
     set_ct_window(case.window)  # the runtime windows the volume as the app does
     split = split_slabs(case.labels.shape[case.axis])
     with tempfile.TemporaryDirectory() as models:
-        app = AppSettings(preset=settings["preset"], labels=case.label_map, embedding_cache_gb=0.0)
-        runtime = ModelRuntime(app, models, embedding_cache_size=len(split.test))
+        app = AppSettings(
+            preset=settings["preset"],
+            labels=case.label_map,
+            embedding_cache_gb=0.0,
+            device=settings["device"],
+            encoder_path="fp32",  # the same encoder arithmetic as the trained rows
+        )
+        runtime = ModelRuntime(app, models)
         clock = zeroshot.EncodeClock(runtime, None)
         scan = zeroshot.open_scan(runtime, clock, Path(settings["data"]) / "ct_abdomen_totalseg", 0.0)
         pred = np.zeros(case.labels.shape, dtype=np.int16)
@@ -485,6 +494,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_lr": base["baseline_lr"],
         "window_hu": list(window_for(preset)),
         "embedding_dir": str(work / "embeddings"),
+        "device": args.device,
         "preset": preset,
         "checkpoint": args.checkpoint,
         "experts": experts,
@@ -770,6 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--ssl-steps", type=int, default=None, help="SSL steps per expert")
+    parser.add_argument("--device", default="cpu", help="torch device of training and inference (e.g. cuda)")
     parser.add_argument(
         "--full-stage",
         choices=("cpu", "all"),

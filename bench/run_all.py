@@ -107,9 +107,7 @@ def speed_markdown(record: dict) -> str:
         "## 4. Speed and memory\n\n"
         f"`{record['command']}` on {m.get('platform', '')}, device {m.get('device', 'cpu')}, {record['date']}. "
         "LiteMedSAM with its bundled weights, the app's prompt path and auto-segmentation (in-process runtime); "
-        "the 1-min load average is given beside each figure (the machine may be shared).\n\n"
-        + markdown(record)
-        + "\n"
+        "the 1-min load average is given beside each figure (the machine may be shared).\n\n" + markdown(record) + "\n"
     )
 
 
