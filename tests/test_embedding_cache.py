@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 
@@ -33,6 +34,11 @@ def _runtime(tmp_path, **conf) -> ModelRuntime:
 
 
 def _rss_bytes() -> int:
+    """Resident bytes after glibc hands freed heap back to the system: what is retained, not allocator slack."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass  # not glibc: slack stays counted
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
@@ -128,3 +134,16 @@ def test_auto_segmentation_and_prompts_share_embeddings(tmp_path, disk_gb):
     for k in range(12):
         runtime.slice_embedding(path, k)
     assert runtime.encoder_calls == 12  # the prompt path found the auto-segmentation's embeddings
+
+
+@pytest.mark.parametrize("budget", [1 << 20, 0])
+def test_a_fresh_embedding_equals_what_later_hits_return(budget):
+    """The first caller gets the same float16-rounded values as every later one (kept or not), so a prompt's mask
+    does not depend on whether its slice was just encoded."""
+    cache = EmbeddingCache(budget)
+    value = torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(0)) * 3.3
+    first = cache.get_or_compute("k", lambda: value)
+    again = cache.get_or_compute("k", lambda: value)
+    assert first.dtype == torch.float32 and not torch.equal(first, value)  # rounded: fp32 noise is not kept
+    assert torch.equal(first, again)
+    assert cache.encoded == (1 if budget else 2)

@@ -46,7 +46,8 @@ class EmbeddingCache:
                 self._entries.move_to_end(key)
         return None if hit is None else hit.float()
 
-    def put(self, key: Hashable, embedding: torch.Tensor) -> None:
+    def put(self, key: Hashable, embedding: torch.Tensor) -> torch.Tensor:
+        """Keep the float16 copy of `embedding` (if it fits the budget); returns that copy."""
         stored = embedding.detach().to("cpu", torch.float16).contiguous()
         size = stored.numel() * stored.element_size()
         with self._lock:
@@ -54,13 +55,14 @@ class EmbeddingCache:
             if old is not None:
                 self.nbytes -= old.numel() * old.element_size()
             if size > self.max_bytes:
-                return  # larger than the whole budget (or budget 0): not kept
+                return stored  # larger than the whole budget (or budget 0): not kept
             self._entries[key] = stored
             self.nbytes += size
             while self.nbytes > self.max_bytes:
                 _, dropped = self._entries.popitem(last=False)
                 self.nbytes -= dropped.numel() * dropped.element_size()
                 self.evicted += 1
+        return stored
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The cached embedding, or compute() once however many threads ask for it at the same time."""
@@ -78,11 +80,12 @@ class EmbeddingCache:
             if not self.max_bytes:
                 break  # nothing is kept: compute it here rather than loop
         try:
-            embedding = compute()
-            self.put(key, embedding)
+            # the caller gets the float16-rounded values that later hits will get: the same prompt must give the
+            # same mask whether its slice was just encoded or came from the cache
+            stored = self.put(key, compute())
             with self._lock:
                 self.encoded += 1
-            return embedding.float()
+            return stored.float()
         finally:
             with self._lock:
                 event = self._in_flight.pop(key, None)
