@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import DATA, command_line, machine_info, md_table, now_utc, write_json
+from common import DATA, command_line, machine_info, md_table, now_utc, peak_rss_mb, write_json
 from torch.utils.flop_counter import FlopCounterMode
 
 from samora.data import load_volume
@@ -34,10 +33,6 @@ from samora.serving.settings import AppSettings
 
 def load1() -> float:
     return round(os.getloadavg()[0], 2)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def sync(device: str) -> None:
