@@ -26,7 +26,6 @@ from common import (
     DATA,
     METHODS,
     RANDOM_BACKBONE_NOTE,
-    Job,
     SSLSpec,
     add_common_args,
     build_model,
@@ -41,13 +40,13 @@ from common import (
     now_utc,
     plot_lines,
     preset_for,
-    run_jobs,
     run_ssl_job,
     spec_dict,
     ssl_dir,
     ssl_studies,
     write_json,
 )
+from jobs import Job, run_jobs
 
 METHOD = "samora_ft"
 STRATEGIES = ("uncertainty", "random")

@@ -1,25 +1,18 @@
-"""Shared helpers of the benchmark scripts: machine/command records, JSON, tables, plots, a small job scheduler,
-model builders (SAMora variants and the MONAI UNet baseline) and the stage-1 SSL runs they share.
-
-Every benchmark runs its jobs in `--workers` processes with `--threads` torch threads each (default 2 x 1 on a
-2-core machine): small models use cores better as separate processes than as intra-op threads.
-"""
+"""Shared helpers of the benchmark scripts: machine/command records, JSON, tables, plots, model builders (SAMora
+variants and the MONAI UNet baseline) and the stage-1 SSL runs they share. Job running lives in jobs.py."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import logging
 import math
-import multiprocessing as mp
 import os
 import platform
 import shlex
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from baselines import UNetModel
+
+from samora.io_utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SAMORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -123,13 +118,8 @@ def as_float(value: Any) -> float:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    """Write `data` (made JSON-safe) with a trailing newline; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write `data` (made JSON-safe) atomically, keys in their order (tables follow it); returns the path."""
+    return atomic_write_json(path, json_safe(data), sort_keys=False)
 
 
 def read_json(path: str | Path) -> Any:
@@ -231,101 +221,6 @@ def plot_lines(
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, format="png")
     return out_png
-
-
-# ----- job scheduling --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """One unit of work: `fn(**kwargs)` returning a JSON-able dict, run after the jobs named in `after`."""
-
-    key: str
-    fn: Callable[..., dict]
-    kwargs: dict[str, Any]
-    after: tuple[str, ...] = ()
-    cost: float = 1.0  # larger first among the ready jobs
-
-
-def reset_peak_rss() -> None:
-    """Restart this process's peak-RSS count (Linux: writing 5 to clear_refs resets VmHWM), so a worker that runs
-    several jobs reports each job's own peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # not Linux: the peak then covers the worker's earlier jobs too
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size (MB) since the last reset_peak_rss (VmHWM), or of the whole process elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def init_worker(threads: int) -> None:
-    """Per-process settings: torch threads, quiet logs and warnings."""
-    torch.set_num_threads(max(1, threads))
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass  # already set (in-process runs)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("samora").setLevel(logging.WARNING)
-    logging.getLogger("monai").setLevel(logging.ERROR)
-
-
-def run_jobs(
-    jobs: Sequence[Job],
-    workers: int,
-    threads: int,
-    on_result: Callable[[Job, dict], None] | None = None,
-) -> dict[str, dict]:
-    """Run jobs respecting `after`, at most `workers` at a time (spawned processes; in-process when workers=1)."""
-    pending = {j.key: j for j in jobs}
-    if len(pending) != len(jobs):
-        raise ValueError("job keys must be unique")
-    results: dict[str, dict] = {}
-
-    def ready() -> list[Job]:
-        return sorted((j for j in pending.values() if all(a in results for a in j.after)), key=lambda j: -j.cost)
-
-    if workers <= 1:
-        init_worker(threads)
-        while pending:
-            candidates = ready()
-            if not candidates:
-                raise RuntimeError(f"unsatisfiable job dependencies: {sorted(pending)}")
-            job = candidates[0]
-            del pending[job.key]
-            results[job.key] = job.fn(**job.kwargs)
-            if on_result is not None:
-                on_result(job, results[job.key])
-        return results
-    context = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(threads,)) as pool:
-        running: dict[Any, Job] = {}
-        while pending or running:
-            for job in ready():
-                if len(running) >= workers:
-                    break
-                del pending[job.key]
-                running[pool.submit(job.fn, **job.kwargs)] = job
-            if not running:
-                raise RuntimeError(f"unsatisfiable job dependencies: {sorted(pending)}")
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for future in done:
-                job = running.pop(future)
-                results[job.key] = future.result()
-                if on_result is not None:
-                    on_result(job, results[job.key])
-    return results
 
 
 # ----- models ----------------------------------------------------------------------------------------------------

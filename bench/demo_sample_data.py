@@ -21,19 +21,16 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from samora.server_process import APP_DIR, ServerProcess, start_server, stop_server
+
 ROOT = Path(__file__).resolve().parents[1]
-APP_DIR = ROOT / "apps" / "samora"
 TARGET_DICE = 0.7
 # The app queues the first fine-tuning before the SSL bootstrap; the demo needs the first model version only
 # (the bootstrap through a real encoder runs on afterwards and is reported as far as it got).
@@ -45,86 +42,13 @@ class DemoError(RuntimeError):
     """The job could not run to the end; the message says where."""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _get_json(server: ServerProcess, selector: str) -> Any:
+    """A JSON endpoint's answer, or None on a non-200 answer."""
+    status, body = server.get(selector)
+    return body if status == 200 else None
 
 
-class Server:
-    """`monailabel start_server` in its own process group (so stop() also ends its train/scoring subprocesses)."""
-
-    def __init__(self, studies: Path, conf: dict[str, str], work: Path, env: dict[str, str]) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        exe = Path(sys.executable).parent / "monailabel"
-        self.cmd = [str(exe) if exe.exists() else "monailabel", "start_server", "--app", str(APP_DIR)]
-        self.cmd += ["--studies", str(studies), "--host", "127.0.0.1", "--port", str(self.port)]
-        for key, value in conf.items():
-            self.cmd += ["--conf", key, value]
-        self.log_path = work / "server.log"
-        self.env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "PYTHONUNBUFFERED": "1", **env}
-        self.work = work
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float) -> None:
-        """Launch and wait until /info answers."""
-        from monailabel.client import MONAILabelClient
-        from monailabel.client.client import MONAILabelClientException
-
-        self.launched = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=self.env,
-                cwd=str(self.work),
-                start_new_session=True,
-            )
-        self.client = MONAILabelClient(self.url, tmpdir=str(self.work / "client"))
-        os.makedirs(self.work / "client", exist_ok=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise DemoError(f"server exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                self.info = self.client.info()
-                return
-            except (OSError, MONAILabelClientException):
-                pass
-            if time.monotonic() > deadline:
-                raise DemoError(f"server did not answer /info within {timeout:.0f}s; see {self.log_path}")
-            time.sleep(1.0)
-
-    def get(self, selector: str) -> Any:
-        """GET a JSON endpoint with MONAI Label's client utilities (None on a non-200 answer)."""
-        from monailabel.client.client import MONAILabelUtils
-
-        status, body, _, _ = MONAILabelUtils.http_method("GET", self.url, selector)
-        return json.loads(body) if status == 200 else None
-
-    def stop(self, grace: float = 15) -> None:
-        """SIGTERM the whole process group, SIGKILL it if anything is left after `grace` seconds."""
-        if self.proc is None:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                self.proc.poll()
-                try:
-                    os.killpg(self.proc.pid, 0)  # raises once no process of the group is left
-                except ProcessLookupError:
-                    return
-                time.sleep(0.2)
-
-
-def _wait_for_trainers(server: Server, budget: float, log) -> dict[str, dict]:
+def _wait_for_trainers(server: ServerProcess, budget: float, log) -> dict[str, dict]:
     """Poll /train/?all=true until the trainers in TRAINERS (queued by the app at start) have finished."""
     start = time.monotonic()
     deadline = start + budget
@@ -132,7 +56,7 @@ def _wait_for_trainers(server: Server, budget: float, log) -> dict[str, dict]:
     seen_running: dict[str, float] = {}
     last_line, last_report = "", 0.0
     while True:
-        tasks = server.get("/train/?all=true") or []
+        tasks = _get_json(server, "/train/?all=true") or []
         by_model = {t["request"].get("model"): t for t in tasks if isinstance(t, dict) and t.get("request")}
         now = time.monotonic()
         for model in TRAINERS:
@@ -152,7 +76,7 @@ def _wait_for_trainers(server: Server, budget: float, log) -> dict[str, dict]:
                 finished[model]["observed_running"] = seen_running.get(model)
             return finished
         if now - last_report >= 15:
-            stats = (server.get("/info/") or {}).get("train_stats", {})
+            stats = (_get_json(server, "/info/") or {}).get("train_stats", {})
             line = ", ".join(
                 f"{m} {st.get('epoch')}/{st.get('total_epochs')}"
                 for m, st in stats.items()
@@ -169,19 +93,12 @@ def _wait_for_trainers(server: Server, budget: float, log) -> dict[str, dict]:
 
 
 def _machine() -> dict[str, Any]:
+    """The benchmarks' machine record (one worker, torch's default threads) and the load when the demo started."""
     import torch
+    from common import machine_info
 
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {**machine_info(1, torch.get_num_threads()), "load_average_at_start": load}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -242,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         phases[name] = round(now - since, 1)
         return now
 
-    server: Server | None = None
+    server: ServerProcess | None = None
     try:
         log(f"sample data -> {studies}")
         t = time.monotonic()
@@ -253,12 +170,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         unlabeled = sorted(p.name[: -len(".nii.gz")] for p in truth.glob("*.nii.gz"))
         record["studies"] = {"labeled": labeled, "unlabeled": unlabeled}
 
-        server = Server(studies, conf, work, env={"MONAI_LABEL_SESSION_PATH": str(work / "sessions")})
-        record["server_command"] = " ".join(server.cmd)
-        log("starting: " + record["server_command"])
-        server.start(timeout=180)
+        # MONAI Label's own defaults (the test launcher's quieter settings are not the demo's point)
+        env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "PYTHONUNBUFFERED": "1"}
+        env["MONAI_LABEL_SESSION_PATH"] = str(work / "sessions")
+        log(f"starting monailabel start_server --app {APP_DIR} --studies {studies}")
+        server = start_server(studies, conf, work, timeout=180, env=env)
+        record["server_command"] = " ".join(server.proc.args)
         t_up = phase("server_start", t)
-        record["server_info"] = {"version": server.info.get("version"), "trainers": list(server.info["trainers"])}
+        info = server.client.info()
+        record["server_info"] = {"version": info.get("version"), "trainers": list(info["trainers"])}
 
         log("waiting for the first model version (samora fine-tuning, queued by the app at start)")
         budget = args.budget - (time.monotonic() - t0) - 60
@@ -305,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if server is not None:
             t = time.monotonic()
-            server.stop()
+            stop_server(server)
             phase("server_stop", t)
         record["total_s"] = round(time.monotonic() - t0, 1)
         if temp and not args.keep and "error" not in record:
@@ -323,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     m = record["machine"]
-    print(f"\n{record['date']}  {m['platform']}  {m['cpu_count']} CPUs  torch {m['torch']}")
+    print(f"\n{record['date']}  {m['platform']}  {m['cpu_cores_usable']} usable cores  torch {m['torch']}")
     print(f"command: {record['command']}")
     print(
         "phases (s): " + ", ".join(f"{k} {v}" for k, v in record["phases_s"].items()) + f"; total {record['total_s']}"

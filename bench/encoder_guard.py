@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import DATA, PSEUDO_LABEL_NOTE, command_line, init_worker, machine_info, md_table, now_utc, write_json
+from common import (
+    DATA,
+    PSEUDO_LABEL_NOTE,
+    command_line,
+    machine_info,
+    md_table,
+    now_utc,
+    write_json,
+)
+from jobs import init_worker
 from zeroshot import EncodeClock, encode_slices, open_scan, organ_ids, per_slice, present_slices, read_names, scores
 
 from samora.data.intensity import set_ct_window

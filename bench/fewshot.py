@@ -32,7 +32,6 @@ from common import (
     METHODS,
     PSEUDO_LABEL_NOTE,
     RANDOM_BACKBONE_NOTE,
-    Job,
     Method,
     SSLSpec,
     add_common_args,
@@ -48,11 +47,8 @@ from common import (
     md_table,
     mean_std,
     now_utc,
-    peak_rss_mb,
     plot_lines,
     preset_for,
-    reset_peak_rss,
-    run_jobs,
     run_ssl_job,
     spec_dict,
     ssl_dir,
@@ -60,6 +56,7 @@ from common import (
     trainable_count,
     write_json,
 )
+from jobs import Job, JobJournal, peak_rss_mb, reset_peak_rss, run_jobs
 
 DEFAULTS = {
     "seeds": [0, 1, 2],
@@ -537,17 +534,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
 
-    results = run_jobs(jobs, args.workers, args.threads, progress)
+    # a job's result depends on the recipe, not on which other methods, budgets or seeds the run lists
+    recipe = {k: v for k, v in base.items() if k not in ("methods", "budgets", "seeds", "full_stage")}
+    journal = JobJournal(work / f"{result_name(preset)}_jobs.jsonl", {"recipe": recipe, "settings": settings})
+    if args.fresh:
+        journal.clear()
+    done = {k: v for k, v in journal.finished().items() if k in {j.key for j in jobs}}
+    if done:
+        print(f"fewshot: resuming, {len(done)} of {len(jobs)} jobs already done ({journal.path})", flush=True)
+    context = {"args": args, "base": base, "settings": settings, "spec": spec, "ssl_info": ssl_info, "split": split}
+    context.update(case=case, organs=organs, epoch_steps=epoch_steps, wall=wall, n_jobs=len(jobs))
+    finished = dict(done)
+    if args.report:
+        return make_record(context, finished)
+
+    def on_result(job: Job, result: dict) -> None:
+        progress(job, result)
+        journal.record(job.key, result)
+        finished[job.key] = result
+        write_partial(make_record(context, finished))
+
+    return make_record(context, run_jobs(jobs, args.workers, args.threads, on_result, done=done))
+
+
+def write_partial(record: dict[str, Any]) -> None:
+    """The record so far, written after every job so that an interrupted run leaves its finished rows readable."""
+    write_json(
+        Path(record["settings"]["out"]) / "results" / f"{result_name(record['settings']['preset'])}.json", record
+    )
+
+
+def make_record(context: dict[str, Any], results: dict[str, dict]) -> dict[str, Any]:
+    """The JSON record of the runs finished so far (`complete` once every job is in)."""
+    args, base, settings, spec, ssl_info = (context[k] for k in ("args", "base", "settings", "spec", "ssl_info"))
+    case, split, preset = context["case"], context["split"], settings["preset"]
+    depth = case.labels.shape[case.axis]
     runs = [r for k, r in results.items() if not k.startswith("ssl/")]
     ssl_runs = [r for k, r in results.items() if k.startswith("ssl/")]
-    record = {
+    return {
         "benchmark": "fewshot",
         "command": command_line(),
         "date": now_utc(),
         "machine": machine_info(args.workers, args.threads),
         "quick": bool(args.quick),
+        "complete": len(results) == context["n_jobs"],
+        "jobs_done": f"{len(results)} of {context['n_jobs']}",
         "settings": {
             **{k: v for k, v in base.items()},
+            "out": str(args.out),
             "curve_budgets": settings["curve_budgets"],
             "preset": preset,
             "checkpoint": args.checkpoint,
@@ -558,26 +592,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "loss": "0.2 * CE + 0.8 * Dice over all classes (samora SegmentationLoss); H-SAM adds its low-res term",
             "augmentation": "none (same for every method)",
             "checkpoint_choice": "finetune() keeps the epoch with the best Dice on the labelled training slices",
-            "steps_per_full_data_epoch": epoch_steps,
+            "steps_per_full_data_epoch": context["epoch_steps"],
             "ssl": {**spec_dict(spec), "lr": spec.lr, "cache": ssl_info} if ssl_info else None,
         },
         "data": {
-            "volume": str(Path(data) / "ct_abdomen_totalseg" / "image.nii.gz"),
+            "volume": str(Path(settings["data"]) / "ct_abdomen_totalseg" / "image.nii.gz"),
             "shape": list(case.labels.shape),
             "spacing_mm": list(case.spacing),
             "note": PSEUDO_LABEL_NOTE,
             "split": split.describe(depth),
             "train_slices": list(split.train),
             "test_slices": list(split.test),
-            "test_organs": organs,
+            "test_organs": context["organs"],
             "labels_in_model": case.label_map,
         },
         "methods": {k: METHODS[k].title for k in base["methods"]},
         "ssl_runs": ssl_runs,
         "runs": sorted(runs, key=lambda r: (r["method"], r["budget"], r["seed"])),
-        "wall_s": time.perf_counter() - wall,
+        "wall_s": time.perf_counter() - context["wall"],
     }
-    return record
 
 
 def runs_of(record: dict, method: str, budget: float) -> list[dict]:
@@ -781,6 +814,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--ssl-steps", type=int, default=None, help="SSL steps per expert")
     parser.add_argument("--device", default="cpu", help="torch device of training and inference (e.g. cuda)")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: the JSON and tables from the jobs an earlier run with the same settings finished",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="forget the finished jobs of an earlier run with the same settings (default: resume, skipping them)",
+    )
     parser.add_argument(
         "--full-stage",
         choices=("cpu", "all"),

@@ -19,7 +19,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import DATA, command_line, machine_info, md_table, now_utc, peak_rss_mb, write_json
+from common import (
+    DATA,
+    command_line,
+    machine_info,
+    md_table,
+    now_utc,
+    write_json,
+)
+from jobs import peak_rss_mb
 from torch.utils.flop_counter import FlopCounterMode
 
 from samora.data import load_volume

@@ -44,12 +44,12 @@ from common import (
     command_line,
     finite,
     header_lines,
-    init_worker,
     machine_info,
     md_table,
     now_utc,
     write_json,
 )
+from jobs import init_worker
 
 import samora
 from samora.data import Volume

@@ -37,7 +37,7 @@ def test_demo_reaches_dice_target_in_time(demo_run):
     assert result["first_version_s"] < 600, f"first version after {result['first_version_s']}s"
     for key in ("make_sample_data", "server_start", "finetune", "infer"):
         assert math.isfinite(result["phases_s"][key]) and result["phases_s"][key] >= 0, key
-    assert result["machine"]["cpu_count"] and result["machine"]["torch"] and result["date"]
+    assert result["machine"]["cpu_cores_usable"] and result["machine"]["torch"] and result["date"]
     print(json.dumps({k: result[k] for k in ("mean_dice", "total_s", "phases_s")}, indent=2))
     assert result["total_s"] < 900, f"demo took {result['total_s']}s"
     if result["mean_dice"] <= 0.7:

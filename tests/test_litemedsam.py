@@ -15,7 +15,7 @@ from samora.adapters.attention import AdaptedAttention
 from samora.adapters.experts import expert_parameters
 from samora.backbones import PRESETS, CheckpointError
 from samora.config import EXPERTS, ConfigError, ModelConfig
-from samora.engine.embeddings import EmbeddingStore
+from samora.engine.embeddings import EmbeddingStore, encoder_fingerprint
 from samora.engine.train import FinetuneConfig, LabeledSlices, finetune
 from samora.metrics import class_metrics
 from samora.model import SamoraModel
@@ -180,15 +180,35 @@ def test_embedding_store_encodes_each_slice_once_per_encoder_state(tmp_path, mod
         first = EmbeddingStore(tmp_path, model).embed(model, images)
         again = EmbeddingStore(tmp_path, model).embed(model, images)
         assert sum(calls) == 2 and first.shape == (2, 256, 64, 64) and np.array_equal(first, again)
-        perturb_expert(model, "image", 0.05)  # another encoder state: a new folder, nothing stale reused
+        perturb_expert(model, "image", 0.05)  # HL-Attn's output projection is still zero: the same embedding
         EmbeddingStore(tmp_path, model).embed(model, images)
-        assert sum(calls) == 4 and len(list(tmp_path.iterdir())) == 2
+        assert sum(calls) == 2 and len(list(tmp_path.iterdir())) == 1
+        with torch.no_grad():  # now the expert reaches the output: another encoder state, nothing stale reused
+            for site in model.backbone.attention_sites():
+                torch.nn.init.normal_(site.fusion.up.weight, std=0.05)
+        changed = EmbeddingStore(tmp_path, model).embed(model, images)
+        assert sum(calls) == 4 and len(list(tmp_path.iterdir())) == 2 and not np.array_equal(changed, first)
     finally:
         model.encode = encode
-        with torch.no_grad():  # back to an untrained expert for the module's other tests
+        with torch.no_grad():  # back to an untrained expert and a no-op fusion for the module's other tests
             for key, p in expert_parameters(model.backbone.encoder, "image").items():
                 if ".lora_B." in key:
                     p.zero_()
+            for site in model.backbone.attention_sites():
+                site.fusion.up.weight.zero_()
+
+
+def test_fingerprint_ignores_the_seed_and_idle_experts_of_a_pretrained_encoder(model):
+    """Rows of a benchmark that differ only by seed share the pretrained encoder's embeddings; a random backbone's
+    seed, or a trained expert, still gives another fingerprint."""
+    other_seed = SamoraModel(ModelConfig(preset="litemedsam", image_size=256, labels=LABELS, init_seed=7))
+    assert encoder_fingerprint(other_seed) == encoder_fingerprint(model)
+    tiny = [SamoraModel(ModelConfig(preset="tiny", image_size=64, labels=LABELS, init_seed=s)) for s in (0, 7)]
+    assert encoder_fingerprint(tiny[0]) != encoder_fingerprint(tiny[1])
+    perturb_expert(other_seed, "pixel", 0.05)
+    for site in other_seed.backbone.attention_sites():
+        site.mode = "sum"  # the residuals reach the output without HL-Attn
+    assert encoder_fingerprint(other_seed) != encoder_fingerprint(model)
 
 
 @pytest.mark.slow

@@ -41,12 +41,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON atomically (sorted keys, indented, trailing newline)."""
+def atomic_write_json(path: str | os.PathLike, data: Any, sort_keys: bool = True) -> Path:
+    """Write JSON atomically (indented, trailing newline; keys sorted unless their order means something)."""
 
     def _write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            json.dump(data, f, indent=2, sort_keys=sort_keys, default=str)
             f.write("\n")
 
     return atomic_write(path, _write)

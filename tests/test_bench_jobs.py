@@ -1,0 +1,50 @@
+"""The benchmarks' job runner: dependencies, and the journal that lets an interrupted run resume."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from jobs import Job, JobJournal, run_jobs  # noqa: E402
+
+CALLS: list[str] = []
+
+
+def _square(x: int) -> dict:
+    CALLS.append(f"square/{x}")
+    return {"value": x * x, "score": float("nan") if x == 0 else 1.0 / x}
+
+
+def _jobs() -> list[Job]:
+    return [Job(f"square/{x}", _square, {"x": x}, after=("square/0",) if x else ()) for x in range(3)]
+
+
+def test_a_resumed_run_skips_the_journaled_jobs_and_returns_their_results(tmp_path):
+    CALLS.clear()
+    journal = JobJournal(tmp_path / "jobs.jsonl", {"steps": 300})
+    first = run_jobs(_jobs()[:2], 1, 1, lambda job, result: journal.record(job.key, result))
+    assert CALLS == ["square/0", "square/1"] and first["square/1"]["value"] == 1
+    with journal.path.open("a") as out:
+        out.write('{"tag": "' + journal.tag + '", "key": "square/2", "res')  # a kill in the middle of a line
+    done = JobJournal(tmp_path / "jobs.jsonl", {"steps": 300}).finished()
+    assert sorted(done) == ["square/0", "square/1"] and done["square/0"]["score"] is None  # NaN stored as null
+    CALLS.clear()
+    resumed = run_jobs(_jobs(), 1, 1, done=done)
+    assert CALLS == ["square/2"] and sorted(resumed) == ["square/0", "square/1", "square/2"]
+    assert resumed["square/2"]["value"] == 4
+
+
+def test_other_settings_or_a_fresh_start_forget_the_journal(tmp_path):
+    journal = JobJournal(tmp_path / "jobs.jsonl", {"steps": 300})
+    journal.record("square/0", {"value": 0})
+    assert JobJournal(tmp_path / "jobs.jsonl", {"steps": 301}).finished() == {}
+    journal.clear()
+    assert journal.finished() == {}
+
+
+def test_duplicate_keys_are_refused():
+    with pytest.raises(ValueError, match="unique"):
+        run_jobs(_jobs() + _jobs()[:1], 1, 1)
