@@ -534,9 +534,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
 
-    # a job's result depends on the recipe, not on which other methods, budgets or seeds the run lists
+    # a job's result depends on the recipe, not on which other methods, budgets or seeds the run lists (the
+    # experts' folders follow from the work folder, the SSL spec and the seed)
     recipe = {k: v for k, v in base.items() if k not in ("methods", "budgets", "seeds", "full_stage")}
-    journal = JobJournal(work / f"{result_name(preset)}_jobs.jsonl", {"recipe": recipe, "settings": settings})
+    shared = {k: v for k, v in settings.items() if k != "experts"}
+    journal = JobJournal(work / f"{result_name(preset)}_jobs.jsonl", {"recipe": recipe, "settings": shared})
     if args.fresh:
         journal.clear()
     done = {k: v for k, v in journal.finished().items() if k in {j.key for j in jobs}}
