@@ -534,11 +534,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
 
-    # a job's result depends on the recipe, not on which other methods, budgets or seeds the run lists (the
-    # experts' folders follow from the work folder, the SSL spec and the seed)
+    # a job's result depends on the recipe, not on which other methods, budgets or seeds the run lists, nor on where
+    # the data, the embeddings and the experts lie (folders differ between clones)
     recipe = {k: v for k, v in base.items() if k not in ("methods", "budgets", "seeds", "full_stage")}
-    shared = {k: v for k, v in settings.items() if k != "experts"}
-    journal = JobJournal(work / f"{result_name(preset)}_jobs.jsonl", {"recipe": recipe, "settings": shared})
+    shared = {k: v for k, v in settings.items() if k not in ("experts", "data", "embedding_dir")}
+    # beside the results, so that a later session or a GPU machine working on a clone resumes where this one stopped
+    journal_path = Path(args.out) / "results" / f"{result_name(preset)}_jobs.jsonl"
+    journal = JobJournal(journal_path, {"recipe": recipe, "settings": shared})
     if args.fresh:
         journal.clear()
     done = {k: v for k, v in journal.finished().items() if k in {j.key for j in jobs}}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from samora.backbones.base import AttentionCore
+if TYPE_CHECKING:  # the backbones package imports this module to wrap its blocks
+    from samora.backbones.base import AttentionCore
 
 
 class SplitQKV(nn.Module):

@@ -41,6 +41,10 @@ AFFINE_TOLERANCE = 1e-3
 DICOM_GEOMETRY_TAGS = ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient")
 _max_voxels = 0  # process-wide memory budget (the app's conf max_voxels); 0 = no limit
 
+# gzip level of written NIfTI: a label map compresses ~60x at level 1 and the answer is written and read several
+# times faster than at 6 (bench/label_format.py, docs/benchmarks.md section 4.3)
+GZIP_LEVEL = 1
+
 
 class VolumeError(ValueError):
     """A file that cannot be used as a 3D volume or label; the message names the file and the problem."""
@@ -195,7 +199,10 @@ def save_image(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -
 
 
 def encode_nifti(array: np.ndarray, affine: np.ndarray, compress: bool = True) -> bytes:
-    """Serialise an array + RAS affine to NIfTI-1 bytes (gzip with a fixed mtime, so equal data gives equal bytes)."""
+    """Serialise an array + RAS affine to NIfTI-1 bytes (gzip with a fixed mtime, so equal data gives equal bytes).
+
+    NIfTI stores voxels in Fortran order: a Fortran-ordered array is copied as is, a C-ordered one is transposed
+    first, which costs more than the gzip (bench/label_format.py); label producers allocate in Fortran order."""
     import nibabel as nib
 
     image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
@@ -204,7 +211,7 @@ def encode_nifti(array: np.ndarray, affine: np.ndarray, compress: bool = True) -
     image.set_sform(image.affine, code=1)
     image.header.set_xyzt_units("mm")
     raw = image.to_bytes()
-    return gzip.compress(raw, compresslevel=6, mtime=0) if compress else raw
+    return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0) if compress else raw
 
 
 # ----------------------------------------------------------------------------------------------------------------

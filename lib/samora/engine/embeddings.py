@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samora.adapters.attention import AdaptedAttention
 from samora.io_utils import atomic_save_npy
 from samora.model import SamoraModel
 
@@ -27,9 +26,9 @@ log = logging.getLogger(__name__)
 def encoder_fingerprint(model: SamoraModel) -> str:
     """Hash of what determines the embedding: backbone identity, routing, and the expert/fusion weights.
 
-    The init seed counts only for a random-initialised backbone, and an attention block whose experts add nothing
-    (AdaptedAttention.idle: untrained experts, or HL-Attn's zero output projection) contributes no weights, so a
-    pretrained encoder with idle experts has one fingerprint whatever the seed and its embeddings are shared."""
+    The init seed counts only for a random-initialised backbone, and an attention site whose experts add nothing
+    (its `idle()`: untrained experts, or HL-Attn's zero output projection) contributes no weights, so a pretrained
+    encoder with idle experts has one fingerprint whatever the seed, and its embeddings are shared."""
     config = model.config
     identity = {
         "preset": config.preset,
@@ -40,11 +39,11 @@ def encoder_fingerprint(model: SamoraModel) -> str:
         "context": config.context,
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
-    for name, block in model.backbone.encoder.named_modules():
-        if not isinstance(block, AdaptedAttention) or block.idle():
+    for index, site in enumerate(model.backbone.attention_sites()):
+        if site.idle():
             continue
-        digest.update(f"{name}:{block.mode}".encode())
-        for key, value in sorted(block.state_dict().items()):
+        digest.update(f"{index}:{site.mode}".encode())
+        for key, value in sorted(site.state_dict().items()):
             if "lora_" in key or key.startswith("fusion."):
                 digest.update(key.encode())
                 digest.update(value.detach().cpu().float().numpy().tobytes())

@@ -70,7 +70,7 @@ def segment_volume(
     model.eval()
     axis = volume.axial_axis
     scaled = normalised_volume(volume, window)
-    labels = np.zeros(volume.shape, dtype=np.int16)
+    labels = np.zeros(volume.shape, dtype=np.int16, order="F")  # NIfTI's layout: written without a transpose
     k = model.config.num_classes
     probabilities = np.zeros((k, *volume.shape), dtype=np.float16) if return_probabilities else None
     entropy_sum, body_voxels = 0.0, 0

@@ -250,7 +250,7 @@ def refine(
     check_inside(prompt, volume.shape)
     axis = volume.axial_axis
     letterbox = slice_letterbox(volume.shape, axis, model.config.image_size, volume.affine)
-    out = np.zeros(volume.shape, dtype=np.uint8)
+    out = np.zeros(volume.shape, dtype=np.uint8, order="F")  # NIfTI's layout: written without a transpose
     seeds = slice_prompts(prompt, axis, volume.shape, model.config.image_size, volume.affine)
     z_lo, z_hi, within = propagation_limits(prompt, axis, volume.shape[axis], letterbox)
     threshold = propagation_threshold(min_stability, within is not None)

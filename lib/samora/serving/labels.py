@@ -15,7 +15,7 @@ def remap_by_name(labels: np.ndarray, label_info: list[dict] | None, model_label
     Without label_info the values are taken as model indices already, and values outside them are an error.
     """
     labels = np.asarray(labels)
-    out = np.zeros(labels.shape, dtype=np.uint8)
+    out = np.zeros_like(labels, dtype=np.uint8)  # keeps the layout (Fortran for model output: NIfTI's)
     if not label_info:
         valid = set(model_labels.values()) | {0}
         unknown = sorted(set(np.unique(labels).tolist()) - valid)
