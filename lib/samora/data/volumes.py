@@ -200,9 +200,7 @@ def save_image(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -
 
 def encode_nifti(array: np.ndarray, affine: np.ndarray, compress: bool = True) -> bytes:
     """Serialise an array + RAS affine to NIfTI-1 bytes (gzip with a fixed mtime, so equal data gives equal bytes).
-
-    NIfTI stores voxels in Fortran order: a Fortran-ordered array is copied as is, a C-ordered one is transposed
-    first, which costs more than the gzip (bench/label_format.py); label producers allocate in Fortran order."""
+    NIfTI is Fortran-ordered: a C-ordered array is transposed first, costlier than the gzip (bench/label_format.py)."""
     import nibabel as nib
 
     image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
