@@ -22,31 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import (
-    DATA,
-    METHODS,
-    RANDOM_BACKBONE_NOTE,
-    SSLSpec,
-    add_common_args,
-    build_model,
-    build_ssl_cache,
-    command_line,
-    finetune_config,
-    fmt_ms,
-    header_lines,
-    machine_info,
-    md_table,
-    mean_std,
-    now_utc,
-    plot_lines,
-    preset_for,
-    run_ssl_job,
-    spec_dict,
-    ssl_dir,
-    ssl_studies,
-    write_json,
-)
+from cli import add_common_args, preset_for
 from jobs import Job, run_jobs
+from methods import METHODS, build_model, finetune_config
+from paths import DATA
+from plots import plot_lines
+from records import command_line, machine_info, now_utc, write_json
+from report import RANDOM_BACKBONE_NOTE, fmt_ms, header_lines, md_table
+from ssl_runs import SSLSpec, build_ssl_cache, run_ssl_job, spec_dict, ssl_dir, ssl_studies
+from stats import mean_std
 
 METHOD = "samora_ft"
 STRATEGIES = ("uncertainty", "random")

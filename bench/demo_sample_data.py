@@ -95,7 +95,7 @@ def _wait_for_trainers(server: ServerProcess, budget: float, log) -> dict[str, d
 def _machine() -> dict[str, Any]:
     """The benchmarks' machine record (one worker, torch's default threads) and the load when the demo started."""
     import torch
-    from common import machine_info
+    from records import machine_info
 
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {**machine_info(1, torch.get_num_threads()), "load_average_at_start": load}

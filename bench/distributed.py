@@ -16,7 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, command_line, machine_info, md_table, now_utc, write_json
+from paths import ROOT
+from records import command_line, machine_info, now_utc, write_json
+from report import md_table
 
 from samora.data import PHANTOM_LABELS, write_phantom_studies
 

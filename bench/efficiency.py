@@ -20,19 +20,11 @@ from typing import Any
 
 import fewshot
 import numpy as np
-from common import (
-    DATA,
-    add_common_args,
-    command_line,
-    fmt_ms,
-    header_lines,
-    machine_info,
-    md_table,
-    now_utc,
-    plot_lines,
-    read_json,
-    write_json,
-)
+from cli import add_common_args
+from paths import DATA
+from plots import plot_lines
+from records import command_line, machine_info, now_utc, read_json, write_json
+from report import fmt_ms, header_lines, md_table
 
 PAIRS = (  # (with SSL, reference without SSL)
     ("samora", "samed"),

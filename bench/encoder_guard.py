@@ -16,16 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import (
-    DATA,
-    PSEUDO_LABEL_NOTE,
-    command_line,
-    machine_info,
-    md_table,
-    now_utc,
-    write_json,
-)
 from jobs import init_worker
+from paths import DATA
+from records import command_line, machine_info, now_utc, write_json
+from report import PSEUDO_LABEL_NOTE, md_table
 from zeroshot import EncodeClock, encode_slices, open_scan, organ_ids, per_slice, present_slices, read_names, scores
 
 from samora.data.intensity import set_ct_window

@@ -27,36 +27,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from common import (
-    DATA,
-    METHODS,
-    PSEUDO_LABEL_NOTE,
-    RANDOM_BACKBONE_NOTE,
-    Method,
-    SSLSpec,
-    add_common_args,
-    as_float,
-    build_model,
-    build_ssl_cache,
-    command_line,
-    finetune_config,
-    finite,
-    fmt_ms,
-    header_lines,
-    machine_info,
-    md_table,
-    mean_std,
-    now_utc,
-    plot_lines,
-    preset_for,
-    run_ssl_job,
-    spec_dict,
-    ssl_dir,
-    ssl_studies,
-    trainable_count,
-    write_json,
-)
+from cli import add_common_args, preset_for
 from jobs import Job, JobJournal, peak_rss_mb, reset_peak_rss, run_jobs
+from methods import METHODS, Method, build_model, finetune_config, trainable_count
+from paths import DATA
+from plots import plot_lines
+from records import command_line, machine_info, now_utc, write_json
+from report import PSEUDO_LABEL_NOTE, RANDOM_BACKBONE_NOTE, fmt_ms, header_lines, md_table
+from ssl_runs import SSLSpec, build_ssl_cache, run_ssl_job, spec_dict, ssl_dir, ssl_studies
+from stats import as_float, finite, mean_std
 
 DEFAULTS = {
     "seeds": [0, 1, 2],

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import json_safe
+from records import json_safe
 
 
 @dataclass

@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import DATA, command_line, machine_info, md_table, now_utc, write_json
+from paths import DATA
+from records import command_line, machine_info, now_utc, write_json
+from report import md_table
 
 from samora.data import load_volume
 from samora.data.volumes import GZIP_LEVEL, encode_nifti, save_label

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import DATA, ROOT, command_line, machine_info, md_table, now_utc, write_json
 from monai.networks.nets import UNet
+from paths import DATA, ROOT
+from records import command_line, machine_info, now_utc, write_json
+from report import md_table
 
 from samora.config import ModelConfig
 from samora.data import SliceCache, discover_studies

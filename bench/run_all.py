@@ -30,19 +30,10 @@ import fewshot
 import mim_reference
 import numpy as np
 import ssl_memory
-from common import (
-    PSEUDO_LABEL_NOTE,
-    RANDOM_BACKBONE_NOTE,
-    ROOT,
-    as_float,
-    command_line,
-    machine_info,
-    md_table,
-    mean_std,
-    now_utc,
-    read_json,
-    write_json,
-)
+from paths import ROOT
+from records import command_line, machine_info, now_utc, read_json, write_json
+from report import PSEUDO_LABEL_NOTE, RANDOM_BACKBONE_NOTE, md_table
+from stats import as_float, mean_std
 
 BENCH = Path(__file__).resolve().parent
 

@@ -19,15 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import (
-    DATA,
-    command_line,
-    machine_info,
-    md_table,
-    now_utc,
-    write_json,
-)
 from jobs import peak_rss_mb
+from paths import DATA
+from records import command_line, machine_info, now_utc, write_json
+from report import md_table
 from torch.utils.flop_counter import FlopCounterMode
 
 from samora.data import load_volume

@@ -71,7 +71,7 @@ def _variants(sources: list[Path], n: int, work: Path) -> Path:
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from common import command_line, machine_info, now_utc, write_json
+    from records import command_line, machine_info, now_utc, write_json
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--studies", type=int, nargs="+", default=[5, 50])

@@ -38,18 +38,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import (
-    DATA,
-    PSEUDO_LABEL_NOTE,
-    command_line,
-    finite,
-    header_lines,
-    machine_info,
-    md_table,
-    now_utc,
-    write_json,
-)
 from jobs import init_worker
+from paths import DATA
+from records import command_line, machine_info, now_utc, write_json
+from report import PSEUDO_LABEL_NOTE, header_lines, md_table
+from stats import finite
 
 import samora
 from samora.data import Volume
