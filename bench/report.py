@@ -1,9 +1,14 @@
-"""Text pieces of the benchmark reports: tables, 'mean ± std' cells, the header of a record, the shared caveats."""
+"""Text pieces of the benchmark reports: tables, 'mean ± std' cells, the header of a record, the shared caveats and
+the fixed prose of docs/benchmarks.md (report_template.md)."""
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+import string
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from stats import as_float, mean_std
@@ -52,3 +57,17 @@ def header_lines(record: dict[str, Any]) -> list[str]:
         f"{m['torch_threads_per_worker']} torch thread(s), torch {m['torch']}, {m['platform']}; GPU: {m['gpu']}",
         f"wall time: {record.get('wall_s', math.nan):.0f} s",
     ]
+
+
+TEMPLATE = Path(__file__).with_name("report_template.md")
+
+
+@functools.cache
+def _sections() -> dict[str, str]:
+    parts = re.split(r"^<!-- section: ([\w-]+) -->$", TEMPLATE.read_text(), flags=re.M)
+    return {name: body.strip("\n") for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def fill(section: str, values: dict[str, Any] | None = None, **more: Any) -> str:
+    """One `<!-- section: NAME -->` part of report_template.md with its `$placeholders` filled in (all required)."""
+    return string.Template(_sections()[section]).substitute(values or {}, **more)
