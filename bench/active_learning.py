@@ -117,22 +117,35 @@ def run_trajectory(seed: int, strategy: str, settings: dict[str, Any]) -> dict[s
         # version; cold start rebuilds it, which made every round's Dice depend on one short run from scratch.
         if model is None or not settings.get("warm_start", True):
             model = build_model(
-                METHODS[METHOD],
-                PHANTOM_LABELS,
-                size,
-                seed,
-                settings["preset"],
-                settings["checkpoint"],
-                settings["experts"],
+                method=METHODS[METHOD],
+                labels=PHANTOM_LABELS,
+                image_size=size,
+                seed=seed,
+                preset=settings["preset"],
+                checkpoint=settings["checkpoint"],
+                experts_dir=settings["experts"],
             )
         parts = [
             slices_from_arrays(
-                scaled[i], labels[i], 2, size, "single", f"pool_{i}", 0.1, np.random.default_rng([seed, i])
+                volume01=scaled[i],
+                labels=labels[i],
+                axis=2,
+                size=size,
+                context="single",
+                case_id=f"pool_{i}",
+                empty_fraction=0.1,
+                rng=np.random.default_rng([seed, i]),
             )
             for i in labeled
         ]
         train = concat_slices(parts, size)
-        config = finetune_config(settings["steps"], len(train), settings["batch_size"], settings["lr"], seed)
+        config = finetune_config(
+            steps=settings["steps"],
+            n_slices=len(train),
+            batch_size=settings["batch_size"],
+            lr=settings["lr"],
+            seed=seed,
+        )
         history = finetune(model, train, config)
         test_scores = [
             mean_dice(segment_volume(model, volumes[pool + j], window).labels, labels[pool + j], PHANTOM_LABELS)
@@ -280,11 +293,11 @@ def plot(record: dict, out: Path) -> Path:
     needed = labels_needed(record)
     hlines = {"random's final Dice": needed["random_final_mean_dice"]} if needed else None
     return plot_lines(
-        curves(record),
-        out / "active_learning.png",
-        "Active learning on phantoms: mean test Dice (mean ± std over seeds)",
-        "labelled studies",
-        "mean Dice on the test phantoms",
+        series=curves(record),
+        out_png=out / "active_learning.png",
+        title="Active learning on phantoms: mean test Dice (mean ± std over seeds)",
+        xlabel="labelled studies",
+        ylabel="mean Dice on the test phantoms",
         hlines=hlines,
     )
 

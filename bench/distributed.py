@@ -74,10 +74,15 @@ def main() -> None:
         write_phantom_studies(studies, n_labeled=2, n_unlabeled=2, seed=3, shape=(128, 128, 32))
         for run in args.runs:
             n, threads = (int(v) for v in run.split("x"))
-            ssl = ssl_rate(studies, Path(tmp) / f"ssl{run}", n, threads, args.steps, args.batch_size, args.device)
-            stage2 = finetune_rate(
-                studies, Path(tmp) / f"ft{run}", n, threads, args.epochs, args.batch_size, args.device
-            )
+            shared = {
+                "studies": studies,
+                "nproc": n,
+                "threads": threads,
+                "batch": args.batch_size,
+                "device": args.device,
+            }
+            ssl = ssl_rate(out=Path(tmp) / f"ssl{run}", steps=args.steps, **shared)
+            stage2 = finetune_rate(out=Path(tmp) / f"ft{run}", epochs=args.epochs, **shared)
             row = {"processes": n, "threads_per_process": threads, "ssl_slices_per_s": ssl}
             rows.append({**row, "finetune_full_slices_per_s": stage2})
             print(f"{n} process(es) x {threads} thread(s): SSL {ssl} slices/s, stage 2 {stage2} slices/s", flush=True)

@@ -119,11 +119,11 @@ def plot(analysis: dict, titles: dict[str, str], out: Path) -> Path:
         if p["ssl_method"] == "samora"
     }
     return plot_lines(
-        series,
-        out / "efficiency_curves.png",
-        "Fine-tuning on 100% of the training slices: held-out Dice per epoch (mean ± std over seeds)",
-        "epoch (full training set)",
-        "Dice on the test slabs",
+        series=series,
+        out_png=out / "efficiency_curves.png",
+        title="Fine-tuning on 100% of the training slices: held-out Dice per epoch (mean ± std over seeds)",
+        xlabel="epoch (full training set)",
+        ylabel="Dice on the test slabs",
         hlines=hlines,
     )
 

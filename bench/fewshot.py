@@ -284,35 +284,46 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
     size = settings["image_size"]
     chosen = budget_indices(split.train, budget, seed)
     rng = np.random.default_rng(seed)
-    train = slices_from_arrays(case.v01, case.labels, case.axis, size, "single", "ct", 1.0, rng, chosen)
+
+    def ct_slices(case_id: str, indices: Sequence[int]) -> Any:
+        """The CT's labelled slices at `indices`, every one kept (empty_fraction 1), drawn with this job's rng."""
+        return slices_from_arrays(
+            volume01=case.v01,
+            labels=case.labels,
+            axis=case.axis,
+            size=size,
+            context="single",
+            case_id=case_id,
+            empty_fraction=1.0,
+            rng=rng,
+            indices=indices,
+        )
+
+    train = ct_slices("ct", chosen)
     model = build_model(
-        spec,
-        case.label_map,
-        size,
-        seed,
-        settings["preset"],
-        settings["checkpoint"],
-        settings["experts"].get(str(seed)) if spec.ssl else None,
+        method=spec,
+        labels=case.label_map,
+        image_size=size,
+        seed=seed,
+        preset=settings["preset"],
+        checkpoint=settings["checkpoint"],
+        experts_dir=settings["experts"].get(str(seed)) if spec.ssl else None,
     )
     params = trainable_count(model, spec.train_mode)
     cached = spec.train_mode == "cached"
     config = finetune_config(
-        settings["steps"],
-        len(train),
-        settings["batch_size"],
-        settings["lr"] if spec.kind == "sam" else settings["baseline_lr"],
-        seed,
+        steps=settings["steps"],
+        n_slices=len(train),
+        batch_size=settings["batch_size"],
+        lr=settings["lr"] if spec.kind == "sam" else settings["baseline_lr"],
+        seed=seed,
         mode=spec.train_mode,
         embedding_dir=settings["embedding_dir"] if cached else None,
         device=settings["device"],
     )
     curve: list[dict[str, float]] = []
     record_curve = budget in settings["curve_budgets"]
-    heldout = (
-        slices_from_arrays(case.v01, case.labels, case.axis, size, "single", "test", 1.0, rng, split.test)
-        if record_curve
-        else None
-    )
+    heldout = ct_slices("test", split.test) if record_curve else None
     every = settings["epoch_steps"]
     next_mark = every
 
@@ -333,7 +344,9 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
 
     history = finetune(model, train, config, val=None, on_epoch=on_epoch)
     embeddings = test_embeddings(model, settings) if cached else None
-    pred = segment_test_slabs(model, case, split, size, embeddings, settings["device"])
+    pred = segment_test_slabs(
+        model=model, case=case, split=split, image_size=size, embeddings=embeddings, device=settings["device"]
+    )
     return {
         "method": method,
         "budget": budget,
@@ -615,11 +628,11 @@ def plot(record: dict, out: Path) -> Path:
         ys = [v for v in ys_by_seed.values() if len(v) == len(budgets)]
         series[method] = ([100 * b for b in budgets], ys)
     return plot_lines(
-        series,
-        out / f"{result_name(record['settings']['preset'])}_dice.png",
-        "Few-shot Dice on test slabs of ct_abdomen_totalseg (pseudo-labels), mean ± std over seeds",
-        "labelled training slices (%)",
-        "mean Dice over test organs",
+        series=series,
+        out_png=out / f"{result_name(record['settings']['preset'])}_dice.png",
+        title="Few-shot Dice on test slabs of ct_abdomen_totalseg (pseudo-labels), mean ± std over seeds",
+        xlabel="labelled training slices (%)",
+        ylabel="mean Dice over test organs",
         xticks=[100 * b for b in budgets],
         xticklabels=[f"{100 * b:g}%" for b in budgets],
         logx=True,

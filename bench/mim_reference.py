@@ -91,7 +91,16 @@ def train_samora(cache: SliceCache, work: Path, steps: int, options: dict) -> tu
     _, batch, lr = SAMORA_RECIPE
     model = SamoraModel(ModelConfig(preset="tiny", image_size=SIZE, labels={"organ": 1}))
     settings = SSLSettings(batch_size=batch, lr=lr)
-    train_expert(model, "patch", cache, work, steps, settings, progress=False, objective_options=options)
+    train_expert(
+        model=model,
+        level="patch",
+        cache=cache,
+        out_dir=work,
+        total_steps=steps,
+        settings=settings,
+        progress=False,
+        objective_options=options,
+    )
     objective = build_objective("patch", model, **options)
     objective.load_state_dict(torch.load(checkpoint_path(work, "patch"), weights_only=True)["head"])
     model.set_stage("ssl-patch")
@@ -112,7 +121,9 @@ def unet_loss(
     """The objective's task for the UNet: same mask grid and ratio, same normalised targets, masked patches only."""
     grey = images[:, :1]
     grid = SIZE // PATCH
-    mask = random_token_mask(len(images), grid, grid, objective.mask_ratio, generator)
+    mask = random_token_mask(
+        batch=len(images), height=grid, width=grid, ratio=objective.mask_ratio, generator=generator
+    )
     pixel_mask = mask.repeat_interleave(PATCH, 1).repeat_interleave(PATCH, 2)[:, None].float()
     prediction = net(torch.cat([grey * (1 - pixel_mask), pixel_mask], dim=1))
     target = normalise_patches(patchify(grey, PATCH), objective.norm_eps)

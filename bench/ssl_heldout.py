@@ -78,7 +78,17 @@ def run_level(model: SamoraModel, level: str, train: Any, held: Any, args: argpa
     steps, batch, lr = recipe(args, level)
     settings = SSLSettings(batch_size=batch, lr=lr, heldout_slices=args.heldout_slices)
     started = time.perf_counter()
-    summary = train_expert(model, level, train, work, steps, settings, progress=False, log=print, heldout=held)
+    summary = train_expert(
+        model=model,
+        level=level,
+        cache=train,
+        out_dir=work,
+        total_steps=steps,
+        settings=settings,
+        progress=False,
+        log=print,
+        heldout=held,
+    )
     total = time.perf_counter() - started
     record = summary["heldout"]
     losses = [r["loss"] for r in read_loss_log(log_path(work, level))]
@@ -192,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         result["train_slices"], result["heldout_slices"] = len(train), min(len(held), args.heldout_slices or len(held))
         model = SamoraModel(ModelConfig(preset=args.preset, image_size=size, labels={"organ": 1}))
         for level in args.levels:
-            result["levels"].append(run_level(model, level, train, held, args, Path(tmp) / "experts"))
+            result["levels"].append(
+                run_level(model=model, level=level, train=train, held=held, args=args, work=Path(tmp) / "experts")
+            )
     write_json(out, result)
     print(render_markdown(result))
     return 0

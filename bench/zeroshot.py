@@ -289,7 +289,15 @@ def open_scan(runtime: ModelRuntime, clock: EncodeClock, folder: Path, min_stabi
     path = str(folder / "image.nii.gz")
     volume, _ = runtime.volume(path)
     truth, _ = load_label(folder / "label.nii.gz", like=volume)
-    return Scan(folder.name, path, runtime, clock, truth, volume, min_stability)
+    return Scan(
+        name=folder.name,
+        path=path,
+        runtime=runtime,
+        clock=clock,
+        truth=truth,
+        volume=volume,
+        min_stability=min_stability,
+    )
 
 
 def encode_slices(scan: Scan, slices: list[int]) -> dict[str, float]:
@@ -356,8 +364,8 @@ def coverage(scan: Scan, truth: np.ndarray, pred: np.ndarray, slices: list[int],
         "n_true": len(zs),
         "early_low": lo - int(zs[0]),  # > 0: stopped before the organ's low end; < 0: ran past it
         "early_high": int(zs[-1]) - hi,
-        "stop_low": stop_reason(scan, pred, lo, -1, roi),
-        "stop_high": stop_reason(scan, pred, hi, +1, roi),
+        "stop_low": stop_reason(scan=scan, pred=pred, end=lo, step=-1, roi=roi),
+        "stop_high": stop_reason(scan=scan, pred=pred, end=hi, step=+1, roi=roi),
     }
 
 
@@ -383,7 +391,7 @@ def propagation_row(scan: Scan, truth: np.ndarray, key: str, seed: int) -> dict:
     """Protocol (b) (2D box on the seed slice) or (c) (3D ROI): scores, decoding seconds and z coverage."""
     roi = box_roi(truth, scan.axis, seed) if key == "b" else roi_3d(truth)
     (pred, info), seconds = scan.clock.decoding(lambda: propagated(scan, roi))
-    cover = coverage(scan, truth, pred, info["slices"], roi if key == "c" else None)
+    cover = coverage(scan=scan, truth=truth, pred=pred, slices=info["slices"], roi=roi if key == "c" else None)
     return {**scores(scan, pred, truth), "seconds": seconds, "roi": info["roi"], **cover}
 
 
@@ -601,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
         clock = EncodeClock(runtime, Path(args.embedding_cache) if args.embedding_cache else None)
         for name in SCANS[:1] if args.quick else SCANS:
             folder = Path(args.data) / name
-            record["scans"][name] = run_scan(runtime, clock, folder, args, settings.propagation_stability)
+            record["scans"][name] = run_scan(
+                runtime=runtime, clock=clock, folder=folder, args=args, min_stability=settings.propagation_stability
+            )
             write_json(results_dir / "zeroshot.json", {**record, "partial": True})  # a killed run keeps its scans
     record["targets"] = target_lines(record)
     record["wall_s"] = time.perf_counter() - wall
