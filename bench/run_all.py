@@ -7,6 +7,8 @@ on real CT (bench/fewshot.py), fine-tuning efficiency (bench/efficiency.py, from
 active-learning simulation (bench/active_learning.py), plus (default set only) a load test during training and a
 reference for how far stage 1's masked-image-modelling loss can fall (bench/mim_reference.py). The default set is
 sized for about 45-60 minutes on 2 CPU cores; --quick is a smoke run of a few minutes whose numbers mean nothing.
+The report's fixed prose is bench/report_template.md; the sentences computed from the numbers are in
+bench/summary.py. --report-only rewrites benchmarks.md from the JSON files of an earlier run.
 """
 
 from __future__ import annotations
