@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from grid import on_grid
 from paths import DATA
 from records import command_line, machine_info, now_utc, write_json
 from report import md_table
 
-from samora.data import load_volume
 from samora.data.volumes import GZIP_LEVEL, encode_nifti, save_label
 
 SHAPE = (512, 512, 100)
@@ -32,14 +32,8 @@ SHAPE = (512, 512, 100)
 
 def realistic_label(data: Path) -> tuple[np.ndarray, np.ndarray]:
     """ct_abdomen_totalseg's truth resampled (nearest) onto a 512x512x100 grid, and that grid's affine."""
-    truth = load_volume(data / "ct_abdomen_totalseg" / "label.nii.gz", check=False)
-    index = [
-        np.minimum((np.arange(n) * s / n).astype(int), s - 1) for n, s in zip(SHAPE, truth.array.shape, strict=True)
-    ]
-    labels = truth.array[np.ix_(*index)].round().astype(np.uint8)
-    affine = truth.affine.copy()
-    affine[:3, :3] = truth.affine[:3, :3] * (np.array(truth.array.shape) / np.array(SHAPE))
-    return labels, affine
+    labels, affine = on_grid(data / "ct_abdomen_totalseg" / "label.nii.gz", SHAPE)
+    return labels.round().astype(np.uint8), affine
 
 
 def nifti_gzip(level: int):

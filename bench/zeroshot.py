@@ -570,7 +570,9 @@ def markdown(record: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: liver, spleen and both kidneys of the CT only")
-    parser.add_argument("--out", default="docs", help="writes OUT/results/zeroshot.json and OUT/results/zeroshot.md")
+    parser.add_argument(
+        "--out", default="docs", help="writes OUT/results/zeroshot.json and .md (zeroshot_quick.* with --quick)"
+    )
     parser.add_argument("--data", default=str(DATA), help="shared data folder (default: $SAMORA_SHARED_DATA)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument(
@@ -602,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = AppSettings(encoder_path=args.encoder_path)
     set_ct_window(settings.window())  # as the app does at start
     record = new_record(args, settings)
-    results_dir = Path(args.out) / "results"
+    # a --quick run never overwrites the full record
+    stem = Path(args.out) / "results" / ("zeroshot_quick" if args.quick else "zeroshot")
     with tempfile.TemporaryDirectory(prefix="samora-zeroshot-") as model_dir:
         runtime = ModelRuntime(settings, model_dir=model_dir)
         runtime.model()
@@ -612,13 +615,13 @@ def main(argv: list[str] | None = None) -> int:
             record["scans"][name] = run_scan(
                 runtime=runtime, clock=clock, folder=folder, args=args, min_stability=settings.propagation_stability
             )
-            write_json(results_dir / "zeroshot.json", {**record, "partial": True})  # a killed run keeps its scans
+            write_json(stem.with_suffix(".json"), {**record, "partial": True})  # a killed run keeps its scans
     record["targets"] = target_lines(record)
     record["wall_s"] = time.perf_counter() - wall
     record["load_average_1_5_15min"] = {"start": load_start, "end": os.getloadavg()}
     text = markdown(record)
-    write_json(results_dir / "zeroshot.json", record)
-    (results_dir / "zeroshot.md").write_text(text)
+    write_json(stem.with_suffix(".json"), record)
+    stem.with_suffix(".md").write_text(text)
     print(text)
     return 0
 

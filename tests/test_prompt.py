@@ -256,6 +256,17 @@ def test_new_encoder_state_invalidates_the_cache(runtime, phantom):
     assert encoded2 == len(set(requested2)) > 0  # stale embeddings of the old encoder are never reused
 
 
+def _patch_decoding(monkeypatch, decode) -> None:
+    """Every decoder call of the prompt path answers with `decode`'s logits (their stability as the confidence)."""
+    monkeypatch.setattr(interactive, "decode_slice_prompt", decode)
+
+    def with_confidence(model, embedding, prompt, letterbox):
+        logits = decode(model, embedding, prompt, letterbox)
+        return logits, interactive.mask_stability(logits)
+
+    monkeypatch.setattr(interactive, "decode_with_confidence", with_confidence)
+
+
 def test_propagation_slices_are_cached(runtime, phantom, monkeypatch):
     """With a decoder that returns the true organ on whichever slice it is given, propagation is deterministic:
     the mask must be the organ inside the ROI, each slice encoded once, and a click on a slice that the first
@@ -266,7 +277,7 @@ def test_propagation_slices_are_cached(runtime, phantom, monkeypatch):
     def oracle(model, embedding, prompt, hw):
         return np.where(organ[:, :, runtime.slice_of[id(embedding)]], 8.0, -8.0)  # crisp logits
 
-    monkeypatch.setattr(interactive, "decode_slice_prompt", oracle)
+    _patch_decoding(monkeypatch, oracle)
     lo, hi = _bbox(organ)
     k = int((lo[2] + hi[2]) // 2)
     params = _box_params(organ, "liver", k=k, z_range=(int(lo[2]) + 1, int(hi[2]) - 1))
@@ -311,7 +322,7 @@ def test_propagation_stops_where_the_mask_turns_unstable(runtime, phantom, monke
         sure = organ[:, :, int(np.clip(z, lo[2], hi[2]))]
         return np.where(sure, 8.0 if inside else 0.5, -8.0)
 
-    monkeypatch.setattr(interactive, "decode_slice_prompt", fading)
+    _patch_decoding(monkeypatch, fading)
     k = int((lo[2] + hi[2]) // 2)
     params = _box_params(organ, "liver", k=k)
     mask, info, _, _ = _run(runtime, phantom["path"], params)
@@ -423,3 +434,53 @@ def test_roi_seed_is_the_most_confident_slice_of_the_middle_half():
     assert interactive.roi_seed_slice(model, runtime, "x", letterbox, box, 10, 30) == 22
     confidence[16] = 0.95
     assert interactive.roi_seed_slice(model, runtime, "x", letterbox, box, 10, 30) == 16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the box margin of a propagated slice
+
+
+class _MarginModel(_ConfidenceModel):
+    """The mask is the prompted box itself and the predicted IoU depends on the box's margin around the previous
+    mask (its width minus the mask's), so which margin propagation kept shows in the mask's size."""
+
+    def __init__(self, confidence_by_margin: dict[float, float], mask_width: int) -> None:
+        super().__init__({})
+        self.by_margin, self.mask_width, self.calls = confidence_by_margin, mask_width, 0
+
+    def prompt(self, embedding: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        x0, y0, x1, y1 = (int(round(float(v))) for v in boxes[0])
+        logits = torch.full((1, 1, 16, 16), -20.0)
+        logits[..., y0:y1, x0:x1] = 20.0
+        margin = ((x1 - x0) - self.mask_width) / 2
+        return {"iou": torch.tensor([[self.by_margin[margin]]]), "low_res_logits": logits}
+
+
+def _propagate(model: _MarginModel) -> int:
+    """Pixels of the next slice's mask propagated from a 4x4 square (4 model pixels wide) in the middle."""
+    letterbox = interactive.slice_letterbox((16, 16, 8), 2, 16)
+    previous = np.zeros((16, 16), bool)
+    previous[6:10, 6:10] = True
+    logits = interactive.propagated_logits(model, torch.zeros(1, 4, 2, 2), previous, letterbox, None)
+    return int((logits > 0).sum())
+
+
+def test_a_confident_propagated_mask_costs_one_decoder_pass():
+    usual = interactive.PROPAGATION_MARGIN_PX
+    model = _MarginModel({usual: 0.95, 4.0: 0.99, 1.0: 0.99}, mask_width=4)
+    assert interactive.RETRY_BELOW_CONFIDENCE < 0.95
+    _propagate(model)
+    assert model.calls == 1
+
+
+def test_an_unsure_propagated_mask_is_replaced_by_the_most_confident_margin():
+    usual = interactive.PROPAGATION_MARGIN_PX
+    assert usual == 3.0 and interactive.ALTERNATIVE_MARGINS_PX == (4.0, 1.0)
+    # the previous mask covers pixels 6..9, a box 4 model pixels wide: margin m gives a (4 + 2m)-wide square mask
+    tight = _MarginModel({usual: 0.5, 4.0: 0.6, 1.0: 0.7}, mask_width=4)
+    assert _propagate(tight) == 6 * 6 and tight.calls == 3
+    loose = _MarginModel({usual: 0.5, 4.0: 0.7, 1.0: 0.6}, mask_width=4)
+    assert _propagate(loose) == 12 * 12
+    kept = _MarginModel({usual: 0.6, 4.0: 0.5, 1.0: 0.55}, mask_width=4)
+    assert _propagate(kept) == 10 * 10

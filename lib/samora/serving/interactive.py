@@ -24,6 +24,11 @@ MIN_PROPAGATION_STABILITY = 0.75
 # ROI's middle slice; with the seed chosen by roi_seed_slice the spleen reaches 0.969, the others unchanged).
 ROI_MIN_PROPAGATION_STABILITY = 0.7
 PROPAGATION_MARGIN_PX = 3.0  # model pixels added around the previous slice's mask box (organs grow between slices)
+# where the model is unsure of the mask from the usual margin, these margins are tried too and its most confident
+# mask kept: a tapering organ needs a tight box (the model fills a loose one), a growing one a looser box
+# (docs/benchmarks.md section 7.4); sure slices cost one decoder pass, unsure ones three
+ALTERNATIVE_MARGINS_PX = (4.0, 1.0)
+RETRY_BELOW_CONFIDENCE = 0.8
 
 
 class PromptError(ValueError):
@@ -205,6 +210,29 @@ def _decode(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Lett
     return letterbox.back(logits)[0, 0].float().cpu().numpy(), out
 
 
+def decode_with_confidence(
+    model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox
+) -> tuple[np.ndarray, float]:
+    """decode_slice_prompt's logits, and how sure the model is of that mask: its predicted IoU x its stability."""
+    logits, out = _decode(model, embedding, prompt, letterbox)
+    return logits, float(out["iou"][0, 0]) * mask_stability(logits)
+
+
+def propagated_logits(
+    model, embedding: torch.Tensor, previous: np.ndarray, letterbox: Letterbox, within: np.ndarray | None
+) -> np.ndarray:
+    """The next slice's mask logits from the previous mask's box plus PROPAGATION_MARGIN_PX, or, where the model is
+    unsure of that mask, from whichever of the ALTERNATIVE_MARGINS_PX it is most confident of."""
+
+    def attempt(margin: float) -> tuple[np.ndarray, float]:
+        return decode_with_confidence(model, embedding, mask_to_prompt(previous, letterbox, margin, within), letterbox)
+
+    best = attempt(PROPAGATION_MARGIN_PX)
+    if best[1] < RETRY_BELOW_CONFIDENCE:
+        best = max([best, *map(attempt, ALTERNATIVE_MARGINS_PX)], key=lambda tried: tried[1])
+    return best[0]
+
+
 def roi_seed_slice(
     model, runtime, path: str, letterbox: Letterbox, box_prompt: SlicePrompt, z_lo: int, z_hi: int
 ) -> int:
@@ -214,11 +242,10 @@ def roi_seed_slice(
     quarter = (z_hi - z_lo) // 4
     candidates = range(z_lo + quarter, z_hi - quarter + 1)
 
-    def confidence(k: int) -> float:
-        logits, out = _decode(model, runtime.slice_embedding(path, k), box_prompt, letterbox)
-        return float(out["iou"][0, 0]) * mask_stability(logits)
+    def seed_confidence(k: int) -> float:
+        return decode_with_confidence(model, runtime.slice_embedding(path, k), box_prompt, letterbox)[1]
 
-    return max(candidates, key=confidence)
+    return max(candidates, key=seed_confidence)
 
 
 def propagation_threshold(min_stability: float, within_roi: bool) -> float:
@@ -279,7 +306,7 @@ def refine(
             for _ in range(max_propagation):
                 if z < z_lo or z > z_hi or z in done or previous.sum() < min_pixels:
                     break
-                logits = decode(z, mask_to_prompt(previous, letterbox, within=within))
+                logits = propagated_logits(model, runtime.slice_embedding(path, z), previous, letterbox, within)
                 mask = logits > 0
                 # stop when the structure vanishes or jumps (little overlap with the previous slice), or when the
                 # mask is unstable: past an organ's end a box prompt still yields a mask, but a hesitant one
