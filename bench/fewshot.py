@@ -324,6 +324,9 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
     curve: list[dict[str, float]] = []
     record_curve = budget in settings["curve_budgets"]
     heldout = ct_slices("test", split.test) if record_curve else None
+    heldout_embeddings = None
+    if heldout is not None and cached:  # a frozen encoder: the held-out slices are encoded once, not per curve point
+        heldout_embeddings = test_embeddings(model, settings).embed(model, heldout.images, device=settings["device"])
     every = settings["epoch_steps"]
     next_mark = every
 
@@ -335,7 +338,9 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
             {
                 "step": record["step"],
                 "epoch": record["step"] / every,
-                "heldout_dice": evaluate_slices(model, heldout, 8, settings["device"]),
+                "heldout_dice": evaluate_slices(
+                    model, heldout, batch_size=8, device=settings["device"], embeddings=heldout_embeddings
+                ),
                 "train_dice": record["selection_dice"],
                 "loss": record["loss"],
             }
