@@ -436,6 +436,12 @@ def is_random(settings: dict[str, Any]) -> bool:
     return not settings["checkpoint"] and settings["preset"] not in PROFILES
 
 
+def job_key(method: str, budget: float, seed: int) -> str:
+    """A job's name in the journal; the zero-shot reference has no budget, so whichever budget a run lists first
+    finds the same entry."""
+    return f"{method}/reference/{seed}" if METHODS[method].kind == "zeroshot" else f"{method}/{budget}/{seed}"
+
+
 def runs_here(method: Method, budget: float, seed: int, base: dict[str, Any]) -> bool:
     """Whether (method, budget, seed) is one of this run's jobs: the zero-shot reference once (no budget, no seed),
     the full-stage rows only at FULL_STAGE_CPU when base["full_stage"] is "cpu"."""
@@ -509,7 +515,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 jobs.append(
                     Job(
-                        f"{method}/{budget}/{seed}",
+                        job_key(method, budget, seed),
                         run_fewshot_job,
                         {"method": method, "budget": budget, "seed": seed, "settings": settings},
                         after=(f"ssl/{seed}",) if METHODS[method].ssl else (),
