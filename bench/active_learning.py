@@ -27,7 +27,7 @@ from jobs import Job, run_jobs
 from methods import METHODS, build_model, finetune_config
 from paths import DATA
 from plots import plot_lines
-from records import command_line, machine_info, now_utc, write_json
+from records import run_header, write_json
 from report import RANDOM_BACKBONE_NOTE, fmt_ms, header_lines, md_table
 from ssl_runs import SSLSpec, build_ssl_cache, run_ssl_job, spec_dict, ssl_dir, ssl_studies
 from stats import mean_std
@@ -220,20 +220,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
     print(f"active learning: {len(jobs)} jobs on {args.workers} workers x {args.threads} thread(s)", flush=True)
 
-    def progress(job: Job, result: dict) -> None:
-        if job.key.startswith("ssl/"):
-            print(f"  {job.key}: {result['seconds']:.0f} s", flush=True)
-        else:
-            dice = " ".join(f"{r['test_dice']:.3f}" for r in result["rounds"])
-            print(f"  {job.key}: test Dice by #labels: {dice} ({result['seconds']:.0f} s)", flush=True)
-
-    results = run_jobs(jobs, args.workers, args.threads, progress)
+    results = run_jobs(jobs, args.workers, args.threads, report_progress)
     return {
-        "benchmark": "active_learning",
-        "command": command_line(),
-        "date": now_utc(),
-        "machine": machine_info(args.workers, args.threads),
-        "quick": bool(args.quick),
+        **run_header("active_learning", args),
         "settings": {
             **settings,
             "preset": preset,
@@ -251,6 +240,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "wall_s": time.perf_counter() - wall,
     }
+
+
+def report_progress(job: Job, result: dict) -> None:
+    """One line per finished job: an SSL run's time, or a trajectory's test Dice after each round."""
+    if "rounds" not in result:
+        print(f"  {job.key}: {result['seconds']:.0f} s", flush=True)
+        return
+    dice = " ".join(f"{r['test_dice']:.3f}" for r in result["rounds"])
+    print(f"  {job.key}: test Dice by #labelled studies: {dice} ({result['seconds']:.0f} s)", flush=True)
 
 
 def curves(record: dict) -> dict[str, tuple[list[int], list[list[float]]]]:

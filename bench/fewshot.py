@@ -192,20 +192,26 @@ def segment_test_slabs(
     model: Any, case: SimpleNamespace, split: Split, image_size: int, embeddings: Any = None, device: str = "cpu"
 ) -> np.ndarray:
     """samora.engine.inference.segment_volume on each test slab (as its own volume), pasted into the full grid."""
-    from samora.data import Volume
     from samora.engine.inference import segment_volume
 
     pred = np.zeros(case.labels.shape, dtype=np.int16)
     for start, stop in split.test_slabs:
-        index = [slice(None)] * 3
-        index[case.axis] = slice(start, stop)
-        affine = case.volume.affine.copy()
-        affine[:3, 3] = affine[:3, 3] + affine[:3, case.axis] * start  # the slab's own origin
-        slab = Volume(case.volume.array[tuple(index)].copy(), affine, case.volume.path, "CT")
-        pred[tuple(index)] = segment_volume(
-            model, slab, case.window, batch_size=8, device=device, embeddings=embeddings
-        ).labels
+        slab, index = slab_volume(case, start, stop)
+        segmentation = segment_volume(model, slab, case.window, batch_size=8, device=device, embeddings=embeddings)
+        pred[index] = segmentation.labels
     return pred
+
+
+def slab_volume(case: SimpleNamespace, start: int, stop: int) -> tuple[Any, tuple[slice, ...]]:
+    """Axial slices [start, stop) of the CT as a Volume of their own (origin moved to the first slice), and the
+    index of those slices in the full grid."""
+    from samora.data import Volume
+
+    index = [slice(None)] * 3
+    index[case.axis] = slice(start, stop)
+    affine = case.volume.affine.copy()
+    affine[:3, 3] = affine[:3, 3] + affine[:3, case.axis] * start
+    return Volume(case.volume.array[tuple(index)].copy(), affine, case.volume.path, "CT"), tuple(index)
 
 
 def cropped_class_metrics(

@@ -50,6 +50,17 @@ def machine_info(workers: int, threads: int) -> dict[str, Any]:
     }
 
 
+def run_header(benchmark: str, args: Any) -> dict[str, Any]:
+    """The fields that open a benchmark's JSON record: its name, the command, the date and the machine."""
+    return {
+        "benchmark": benchmark,
+        "command": command_line(),
+        "date": now_utc(),
+        "machine": machine_info(args.workers, args.threads),
+        "quick": bool(args.quick),
+    }
+
+
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The command that reproduces this run, relative to the project root."""
     argv = list(sys.argv if argv is None else argv)
