@@ -330,9 +330,10 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
     curve: list[dict[str, float]] = []
     record_curve = budget in settings["curve_budgets"]
     heldout = ct_slices("test", split.test) if record_curve else None
+    embeddings = test_embeddings(model, settings) if cached else None  # a frozen encoder: every slice encoded once
     heldout_embeddings = None
-    if heldout is not None and cached:  # a frozen encoder: the held-out slices are encoded once, not per curve point
-        heldout_embeddings = test_embeddings(model, settings).embed(model, heldout.images, device=settings["device"])
+    if heldout is not None and embeddings is not None:  # computed once, not at every curve point
+        heldout_embeddings = embeddings.embed(model, heldout.images, device=settings["device"])
     every = settings["epoch_steps"]
     next_mark = every
 
@@ -354,7 +355,6 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
         next_mark = (record["step"] // every + 1) * every
 
     history = finetune(model, train, config, val=None, on_epoch=on_epoch)
-    embeddings = test_embeddings(model, settings) if cached else None
     pred = segment_test_slabs(
         model=model, case=case, split=split, image_size=size, embeddings=embeddings, device=settings["device"]
     )

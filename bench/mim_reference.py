@@ -35,7 +35,7 @@ from samora.data import SliceCache, discover_studies
 from samora.model import SamoraModel
 from samora.ssl import build_objective, train_expert
 from samora.ssl.objectives import MaskedImageObjective, normalise_patches, patchify, random_token_mask
-from samora.ssl.trainer import SSLSettings, checkpoint_path, log_path, warmup_poly
+from samora.ssl.trainer import RunHooks, SSLSettings, checkpoint_path, log_path, warmup_poly
 
 SIZE = 128
 PATCH = 16
@@ -98,7 +98,7 @@ def train_samora(cache: SliceCache, work: Path, steps: int, options: dict) -> tu
         out_dir=work,
         total_steps=steps,
         settings=settings,
-        progress=False,
+        hooks=RunHooks(progress=False),
         objective_options=options,
     )
     objective = build_objective("patch", model, **options)

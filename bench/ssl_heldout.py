@@ -33,7 +33,7 @@ from samora.data import SliceCache, discover_studies
 from samora.model import SamoraModel
 from samora.plots import read_loss_log
 from samora.ssl import train_expert
-from samora.ssl.trainer import SSLSettings, log_path
+from samora.ssl.trainer import RunHooks, SSLSettings, log_path
 
 TRAIN_FOLDERS = ("ct_chest_totalseg", "ct_abdomen_totalseg")
 HELDOUT_FOLDER = "ct_pelvis_deeplesion"
@@ -85,8 +85,7 @@ def run_level(model: SamoraModel, level: str, train: Any, held: Any, args: argpa
         out_dir=work,
         total_steps=steps,
         settings=settings,
-        progress=False,
-        log=print,
+        hooks=RunHooks(progress=False),
         heldout=held,
     )
     total = time.perf_counter() - started

@@ -80,6 +80,7 @@ def run_ssl_job(work: str, spec: dict[str, Any], seed: int) -> dict[str, Any]:
     """Train (or reuse) the three experts of one seed; the backbone is the one `build_model(seed=seed)` makes."""
     from samora.config import ModelConfig, SSLSettings
     from samora.ssl.pretraining import pretrain
+    from samora.ssl.trainer import SILENT
 
     spec_obj = SSLSpec(**{**spec, "studies": tuple(spec["studies"]), "window_hu": tuple(spec["window_hu"])})
     config = ModelConfig(
@@ -96,8 +97,7 @@ def run_ssl_job(work: str, spec: dict[str, Any], seed: int) -> dict[str, Any]:
         config,
         SSLSettings(batch_size=spec_obj.batch_size, lr=spec_obj.lr, seed=seed, checkpoint_every=10**9),
         max_steps=spec_obj.steps,
-        progress=False,
-        log=lambda _msg: None,
+        hooks=SILENT,
     )
     return {
         "seed": seed,

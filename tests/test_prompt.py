@@ -300,6 +300,28 @@ def test_propagation_slices_are_cached(runtime, phantom, monkeypatch):
     assert encoded2 > 0  # ... and beyond them (outside the first ROI): those were not cached, the rest were
 
 
+def test_a_click_alone_spreads_only_from_a_mask_the_model_is_sure_of(runtime, phantom, monkeypatch):
+    """The decoder answers the true organ (crisp logits) on every slice with a given confidence: a click without a
+    box is propagated only when the model is sure of the clicked slice's mask; a box always is."""
+    organ = phantom["truth"] == PHANTOM_LABELS["liver"]
+    lo, hi = _bbox(organ)
+    k = int((lo[2] + hi[2]) // 2)
+    click = np.argwhere(organ[:, :, k])[0]
+    clicked = {"label": "liver", "foreground": [[int(click[0]), int(click[1]), k]], "background": [], "roi": []}
+
+    def organ_logits(model, embedding, prompt, letterbox):
+        return np.where(organ[:, :, runtime.slice_of[id(embedding)]], 8.0, -8.0)
+
+    monkeypatch.setattr(interactive, "decode_slice_prompt", organ_logits)
+    boxed = _box_params(organ, "liver", k=k)
+    for params, confidence, spreads in ((clicked, 0.5, False), (clicked, 0.95, True), (boxed, 0.5, True)):
+        monkeypatch.setattr(interactive, "decode_with_confidence", lambda *a, c=confidence: (organ_logits(*a), c))
+        mask, info, _, _ = _run(runtime, phantom["path"], params)
+        assert (len(info["slices"]) > 1) is spreads, (params, confidence, info["slices"])
+        assert info["not_propagated"] == ([] if spreads else [k])
+        np.testing.assert_array_equal(mask[:, :, k].astype(bool), organ[:, :, k])
+
+
 def test_mask_stability_separates_crisp_from_hesitant_masks():
     crisp = np.where(np.arange(100).reshape(10, 10) < 50, 6.0, -6.0)
     assert interactive.mask_stability(crisp) == 1.0

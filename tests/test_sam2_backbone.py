@@ -14,7 +14,7 @@ from samora.engine.train import FinetuneConfig, LabeledSlices, finetune
 from samora.model import SamoraModel
 from samora.ssl import MaskedPixelObjective, build_objective, train_expert
 from samora.ssl.objectives import normalise_patches, patchify
-from samora.ssl.trainer import SSLSettings
+from samora.ssl.trainer import SILENT, SSLSettings
 
 LABELS = {"liver": 1, "spleen": 2}
 SIZE = 64
@@ -125,9 +125,7 @@ def trained_experts(tmp_path_factory):
     results = {}
     for level in EXPERTS:
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        summary = train_expert(
-            model, level, cache, out, 4, SSLSettings(batch_size=4, lr=1e-3), progress=False, log=lambda *_: None
-        )
+        summary = train_expert(model, level, cache, out, 4, SSLSettings(batch_size=4, lr=1e-3), hooks=SILENT)
         after = {k: v.clone() for k, v in model.state_dict().items()}
         results[level] = {"summary": summary, "before": before, "after": after}
     return model, results

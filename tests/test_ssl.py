@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from samora.ssl import (
 )
 from samora.ssl.heldout import heldout_loss
 from samora.ssl.objectives import normalise_patches, patchify, random_token_mask, unpatchify
-from samora.ssl.trainer import SSLSettings, checkpoint_path, log_path
+from samora.ssl.trainer import SILENT, RunHooks, SSLSettings, checkpoint_path, log_path
 
 SIZE = 128
 CONFIG = dict(preset="tiny", image_size=SIZE, labels={"organ": 1})
@@ -88,7 +89,7 @@ def trained(cache, heldout_cache, tmp_path_factory) -> dict:
         steps, batch, lr = RECIPES[level]
         before = {k: v.clone() for k, v in model.state_dict().items()}
         settings = SSLSettings(batch_size=batch, lr=lr)
-        summary = train_expert(model, level, cache, out, steps, settings, progress=False, heldout=heldout_cache)
+        summary = train_expert(model, level, cache, out, steps, settings, hooks=SILENT, heldout=heldout_cache)
         after = {k: v.clone() for k, v in model.state_dict().items()}
         print(f"{level}: {summary['slices_per_second']} slices/s, loss {summary['first_loss']:.4f} -> "
               f"{summary['final_loss']:.4f}")  # fmt: skip
@@ -245,7 +246,7 @@ def test_patch_objective_fits_real_slices_without_augmentation(cache, tmp_path):
         tmp_path,
         steps,
         SSLSettings(batch_size=batch, lr=lr),
-        progress=False,
+        hooks=SILENT,
         objective_options=options,
     )
     first, last = _ratio(log_path(tmp_path, "patch"))
@@ -312,7 +313,7 @@ def test_expert_files_are_verified(trained, tmp_path):
 def test_interrupted_run_resumes_from_its_checkpoint(cache, heldout_cache, tmp_path):
     config = ModelConfig(**CONFIG)
     kwargs = dict(settings=SSLSettings(batch_size=4, checkpoint_every=10), levels=("patch",), max_steps=20,
-                  progress=False, heldout=heldout_cache)  # fmt: skip
+                  heldout=heldout_cache)  # fmt: skip
     messages: list[str] = []
 
     def interrupt(level, step, total, loss):
@@ -320,13 +321,19 @@ def test_interrupted_run_resumes_from_its_checkpoint(cache, heldout_cache, tmp_p
             raise Interrupted("simulated interruption")
 
     with pytest.raises(Interrupted):
-        pretrain(cache, tmp_path / "run", config, on_step=interrupt, log=messages.append, **kwargs)
+        pretrain(
+            cache,
+            tmp_path / "run",
+            config,
+            hooks=RunHooks(progress=False, log=messages.append, on_step=interrupt),
+            **kwargs,
+        )
     assert torch.load(checkpoint_path(tmp_path / "run", "patch"), weights_only=True)["step"] == 10
     assert len(log_path(tmp_path / "run", "patch").read_text().splitlines()) == 15
 
     seen: list[int] = []
-    summary = pretrain(cache, tmp_path / "run", config, on_step=lambda *a: seen.append(a[1]), log=messages.append,
-                       **kwargs)  # fmt: skip
+    hooks = RunHooks(progress=False, log=messages.append, on_step=lambda *a: seen.append(a[1]))
+    summary = pretrain(cache, tmp_path / "run", config, hooks=hooks, **kwargs)
     assert seen == list(range(11, 21))
     assert any("resuming" in m and "step 10/20" in m for m in messages)
     assert summary["patch"]["status"] == "finished" and summary["patch"]["steps"] == 20
@@ -336,7 +343,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(cache, heldout_cache, tmp_p
     assert meta["steps"] == 20
 
     # The resumed run is the run that was never interrupted: same data, same masks, same optimiser trajectory.
-    pretrain(cache, tmp_path / "straight", config, log=messages.append, **kwargs)
+    logged = RunHooks(progress=False, log=messages.append)
+    pretrain(cache, tmp_path / "straight", config, hooks=logged, **kwargs)
     straight = [json.loads(line) for line in log_path(tmp_path / "straight", "patch").read_text().splitlines()]
     assert [r["loss"] for r in straight] == pytest.approx([r["loss"] for r in resumed], rel=1e-5)
     # The step-0 held-out loss was measured before the interruption and came back with the checkpoint.
@@ -346,7 +354,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(cache, heldout_cache, tmp_p
 
     # A third run finds the finished expert and skips it.
     messages.clear()
-    again = pretrain(cache, tmp_path / "run", config, log=messages.append, **kwargs)
+    again = pretrain(cache, tmp_path / "run", config, hooks=logged, **kwargs)
     assert again["patch"]["status"] == "skipped"
     assert any("skipping" in m for m in messages)
 
@@ -354,7 +362,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(cache, heldout_cache, tmp_p
 def test_stop_hook_checkpoints_and_returns(cache, tmp_path):
     config = ModelConfig(**CONFIG)
     summary = pretrain(cache, tmp_path, config, SSLSettings(batch_size=2), levels=("pixel",), max_steps=10,
-                       progress=False, log=lambda m: None, stop=lambda: True)  # fmt: skip
+                       hooks=replace(SILENT, stop=lambda: True))  # fmt: skip
     assert summary["pixel"]["status"] == "stopped" and summary["pixel"]["steps"] == 1
     assert torch.load(checkpoint_path(tmp_path, "pixel"), weights_only=True)["step"] == 1
     assert not (tmp_path / "expert_pixel.json").exists()

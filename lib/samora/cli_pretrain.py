@@ -98,6 +98,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def _pretrain(pretrain, args: argparse.Namespace, config: ModelConfig, levels: tuple[str, ...]) -> dict:
+    from samora.ssl import RunHooks
+
     settings = SSLSettings(
         batch_size=args.batch_size,
         lr=args.lr,
@@ -118,7 +120,7 @@ def _pretrain(pretrain, args: argparse.Namespace, config: ModelConfig, levels: t
         teacher=args.teacher,
         teacher_arch=args.teacher_arch,
         device=args.device,
-        progress=not args.no_progress,
+        hooks=RunHooks(progress=not args.no_progress),
         heldout=args.heldout,
     )
 

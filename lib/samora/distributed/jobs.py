@@ -121,10 +121,12 @@ def _finetune_rank(job_dir: Path, job: dict) -> None:
 
 def _pretrain_rank(job_dir: Path, job: dict) -> None:
     from samora.ssl.pretraining import pretrain
+    from samora.ssl.trainer import RunHooks
 
     arguments = dict(job["arguments"])
     with process_group(arguments.get("device")) as ctx:
-        summaries = pretrain(**arguments, on_step=_reporter(job_dir, "on_step"), progress=False, log=log.info)
+        hooks = RunHooks(progress=False, log=log.info, on_step=_reporter(job_dir, "on_step"))
+        summaries = pretrain(**arguments, hooks=hooks)
         if ctx.is_main:
             atomic_write_json(job_dir / RESULT_FILE, summaries)
 

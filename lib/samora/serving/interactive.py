@@ -29,6 +29,11 @@ PROPAGATION_MARGIN_PX = 3.0  # model pixels added around the previous slice's ma
 # (docs/benchmarks.md section 7.4); sure slices cost one decoder pass, unsure ones three
 ALTERNATIVE_MARGINS_PX = (4.0, 1.0)
 RETRY_BELOW_CONFIDENCE = 0.8
+# A click without a box is answered on its own slice, and spread to the neighbours only where the model is this sure
+# of that slice's mask: LiteMedSAM learned from boxes, and one click on the liver of the shared CT gives a 29-pixel
+# blob (predicted IoU x stability < 0.8) that propagation could only carry into more doubt, at 6 decoder passes
+# more per click (docs/benchmarks.md section 4.4)
+PROPAGATE_CLICKS_FROM_CONFIDENCE = 0.8
 
 
 class PromptError(ValueError):
@@ -288,18 +293,14 @@ def refine(
         selector[axis] = k
         out[tuple(selector)] = np.maximum(out[tuple(selector)], mask.astype(np.uint8))
 
-    def decode(k: int, sp: SlicePrompt) -> np.ndarray:
-        return decode_slice_prompt(model, runtime.slice_embedding(path, k), sp, letterbox)
-
     if within is not None and not prompt.foreground and not prompt.background and prompt.slice is None:
         (box_prompt,) = seeds.values()
         seeds = {roi_seed_slice(model, runtime, path, letterbox, box_prompt, z_lo, z_hi): box_prompt}
-    seed_masks = {}
-    for k, sp in sorted(seeds.items()):
-        seed_masks[k] = decode(k, sp) > 0
-        put(k, seed_masks[k])
+    seed_masks, sure = decode_seeds(model, runtime, path, letterbox, seeds)
+    for k, mask in seed_masks.items():
+        put(k, mask)
         done.add(k)
-    for k in sorted(seeds):
+    for k in sure:
         for step in (1, -1):
             previous = seed_masks[k]
             z = k + step
@@ -317,7 +318,22 @@ def refine(
                 done.add(z)
                 previous = mask
                 z += step
-    return out, {"model_version": version, "slices": sorted(done), "label": prompt.label}
+    unsure = sorted(set(seed_masks) - set(sure))
+    return out, {"model_version": version, "slices": sorted(done), "label": prompt.label, "not_propagated": unsure}
+
+
+def decode_seeds(
+    model, runtime, path: str, letterbox: Letterbox, seeds: dict[int, SlicePrompt]
+) -> tuple[dict[int, np.ndarray], list[int]]:
+    """Each prompted slice's mask, and the slices to propagate from: those with a box, and click-only ones whose
+    mask the model is sure of (PROPAGATE_CLICKS_FROM_CONFIDENCE)."""
+    masks, sure = {}, []
+    for k, sp in sorted(seeds.items()):
+        logits, confidence = decode_with_confidence(model, runtime.slice_embedding(path, k), sp, letterbox)
+        masks[k] = logits > 0
+        if sp.box is not None or confidence >= PROPAGATE_CLICKS_FROM_CONFIDENCE:
+            sure.append(k)
+    return masks, sure
 
 
 def propagation_limits(

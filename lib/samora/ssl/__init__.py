@@ -23,16 +23,18 @@ from samora.ssl.objectives import (
     nt_xent,
 )
 from samora.ssl.pretraining import pretrain
-from samora.ssl.trainer import SSLSettings, train_expert
+from samora.ssl.trainer import SILENT, RunHooks, SSLSettings, train_expert
 
 __all__ = [
     "EXPERT_FORMAT",
     "OBJECTIVES",
+    "SILENT",
     "ContrastiveObjective",
     "DenoisingObjective",
     "ExpertFileError",
     "MaskedImageObjective",
     "MaskedPixelObjective",
+    "RunHooks",
     "SSLObjective",
     "SSLSettings",
     "TeacherError",

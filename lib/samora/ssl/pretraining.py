@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from samora.plots import plot_loss_curves
 from samora.ssl.checkpoint import log_path
 from samora.ssl.experts_io import ExpertFileError, check_compatible, expert_paths, load_experts, verify_expert
 from samora.ssl.objectives import load_teacher
-from samora.ssl.trainer import OnStep, quiet, total_steps_for, train_expert
+from samora.ssl.trainer import RunHooks, quiet, total_steps_for, train_expert
 
 __all__ = ["PLOT_FILE", "SUMMARY_FILE", "pretrain"]
 
@@ -44,10 +45,7 @@ def pretrain(
     model: nn.Module | None = None,
     heldout: str | Path | Sequence[str | Path] | Any = None,
     device: str | torch.device | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    on_step: OnStep | None = None,
-    stop: Callable[[], bool] | None = None,
+    hooks: RunHooks | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train the requested experts in the order image, patch, pixel; finished levels are skipped, others resume.
 
@@ -58,6 +56,7 @@ def pretrain(
     OUT/pretrain_summary.json. Returns a summary per level.
     `heldout`: studies (same forms as `studies`, cached in OUT/heldout_cache) that take no part in training; each
     level's loss on them at step 0 and at the end goes into its summary and expert metadata.
+    `hooks`: progress bar, log, per-step callback and stop request (samora.ssl.trainer.RunHooks).
     """
     config = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(dict(model_config))
     settings = settings if isinstance(settings, SSLSettings) else SSLSettings(**(settings or {}))
@@ -65,8 +64,11 @@ def pretrain(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = context()
-    log = log if ctx.is_main else quiet
-    cache, heldout_cache = _caches(studies, heldout, out_dir, config, window, progress and ctx.is_main)
+    hooks = hooks or RunHooks()
+    if not ctx.is_main:
+        hooks = replace(hooks, log=quiet, progress=False)
+    log = hooks.log
+    cache, heldout_cache = _caches(studies, heldout, out_dir, config, window, hooks.progress)
     model = _model_for(config, model)
     total = total_steps_for(len(cache), settings.batch_size, epochs, max_steps)
     log(
@@ -74,7 +76,7 @@ def pretrain(
         f"{total} steps per level, batch {min(settings.batch_size, len(cache))}"
     )
     device = rank_device(str(device) if device is not None else None)
-    run = dict(progress=progress, log=log, on_step=on_step, stop=stop, device=device, heldout=heldout_cache)
+    run = dict(hooks=hooks, device=device, heldout=heldout_cache)
     summaries: dict[str, dict[str, Any]] = {}
     for level in order:
         options = (objective_options or {}).get(level)

@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,6 +43,7 @@ from samora.ssl.objectives import OBJECTIVES, SSLObjective, build_objective
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "RunHooks",
     "SSLSettings",
     "checkpoint_path",
     "log_path",
@@ -54,6 +55,24 @@ __all__ = [
 OnStep = Callable[[str, int, int, float], None]
 
 
+def quiet(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """How a stage-1 run reports and is stopped: a progress bar, log lines, `on_step(level, step, total, loss)`
+    after every step (after its checkpoint, if any), and `stop()`, which checkpoints and ends the run early."""
+
+    progress: bool = True
+    log: Callable[[str], None] = print
+    on_step: OnStep | None = None
+    stop: Callable[[], bool] | None = None
+
+
+SILENT = RunHooks(progress=False, log=quiet)
+
+
 def total_steps_for(n_slices: int, batch_size: int, epochs: int | None, max_steps: int | None) -> int:
     """Steps of a run: `epochs` full passes (default 30), capped by `max_steps`; or `max_steps` alone."""
     per_epoch = max(1, n_slices // max(1, min(batch_size, n_slices)))
@@ -63,10 +82,6 @@ def total_steps_for(n_slices: int, batch_size: int, epochs: int | None, max_step
     return int(min(total, max_steps)) if max_steps is not None else int(total)
 
 
-def quiet(message: str) -> None:
-    """The log of ranks other than 0."""
-
-
 def train_expert(
     model: nn.Module,
     level: str,
@@ -74,10 +89,7 @@ def train_expert(
     out_dir: str | Path,
     total_steps: int,
     settings: SSLSettings | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    on_step: OnStep | None = None,
-    stop: Callable[[], bool] | None = None,
+    hooks: RunHooks | None = None,
     teacher: nn.Module | None = None,
     objective_options: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
@@ -89,13 +101,13 @@ def train_expert(
     Writes the loss log, checkpoints every `settings.checkpoint_every` steps and at the end, then the expert file.
     `heldout`: a SliceCache of studies that take no part in training; the objective's loss on it is measured
     before the first step and at the end, and recorded in the summary and the expert metadata ("heldout").
-    `on_step(level, step, total, loss)` is called after every step (after its checkpoint, if any); `stop()`
-    returning True checkpoints and returns early with status "stopped".
+    `hooks`: progress bar, log, per-step callback and stop request (RunHooks; a stop returns status "stopped").
     """
-    run = _ExpertRun(model, level, cache, Path(out_dir), total_steps, settings or SSLSettings(), log, device)
+    hooks = hooks or RunHooks()
+    run = _ExpertRun(model, level, cache, Path(out_dir), total_steps, settings or SSLSettings(), hooks.log, device)
     run.build(teacher, objective_options)
     run.resume(heldout)
-    status = run.train(progress, on_step, stop)
+    status = run.train(hooks)
     summary = run.summary(status)
     if status == "finished":
         run.finish(summary, metadata)
@@ -210,7 +222,7 @@ class _ExpertRun:
         }
         save_checkpoint(self.ckpt, state)
 
-    def train(self, progress: bool, on_step: OnStep | None, stop: Callable[[], bool] | None) -> str:
+    def train(self, hooks: RunHooks) -> str:
         """Run the remaining steps; returns "finished" or "stopped"."""
         settings, level, ctx = self.settings, self.level, self.ctx
         loader = DataLoader(
@@ -223,7 +235,7 @@ class _ExpertRun:
         step_module = wrap_ddp(ObjectiveStep(self.model, self.objective), ctx)
         status = "finished" if self.step >= self.total else "running"
         self.started = time.perf_counter()
-        bar = _progress_bar(progress and ctx.is_main, self.total, self.step, f"ssl {level}")
+        bar = _progress_bar(hooks.progress and ctx.is_main, self.total, self.step, f"ssl {level}")
         self.losses_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(self.losses_path if ctx.is_main else os.devnull, "a") as log_file:
@@ -231,9 +243,9 @@ class _ExpertRun:
                     value, elapsed = self._step(step_module, batch, log_file, bar)
                     if self.step % settings.checkpoint_every == 0 and self.step < self.total:
                         self.save_checkpoint(elapsed)
-                    if on_step is not None and ctx.is_main:
-                        on_step(level, self.step, self.total, value)
-                    if stop is not None and self.step < self.total and any_rank(stop(), ctx):
+                    if hooks.on_step is not None and ctx.is_main:
+                        hooks.on_step(level, self.step, self.total, value)
+                    if hooks.stop is not None and self.step < self.total and any_rank(hooks.stop(), ctx):
                         self.save_checkpoint(elapsed)
                         status = "stopped"
                         self.log(f"[{level}] stopped at step {self.step}/{self.total}; the next run resumes from here")

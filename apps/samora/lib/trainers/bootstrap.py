@@ -15,6 +15,7 @@ from samora.distributed.jobs import run_pretrain_job
 from samora.serving.runtime import ModelRuntime
 from samora.serving.validation import positive_int_param
 from samora.ssl.pretraining import pretrain
+from samora.ssl.trainer import RunHooks
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class SamoraBootstrapTrainer(TrainTask):
         if plan.launches:
             summary = run_pretrain_job(jobs_root(self.runtime.store.root), plan, arguments, on_step)
         else:
-            summary = pretrain(**arguments, progress=False, log=log.info, on_step=on_step)
+            summary = pretrain(**arguments, hooks=RunHooks(progress=False, log=log.info, on_step=on_step))
         final = {
             "status": "DONE",
             "step": total,
