@@ -26,13 +26,16 @@ from plots import plot_lines
 from records import command_line, machine_info, now_utc, read_json, write_json
 from report import fmt_ms, header_lines, md_table
 
-PAIRS = (  # (with SSL, reference without SSL)
+PAIRS = (  # (variant, reference: the run whose final Dice sets the 90% target)
     ("samora", "samed"),
     ("samora_ft", "samed"),
     ("samora_sum", "samed"),
     ("hsam_ssl", "hsam"),
+    ("hsam_ssl", "samed"),
+    ("samora_cached", "samed"),  # real weights: the cheap mode trains on cached embeddings, same step budget
+    ("heads", "samed"),
 )
-CURVE_METHODS = ("samed", "samora", "samora_ft", "samora_sum", "hsam", "hsam_ssl", "unet")
+CURVE_METHODS = ("samed", "samora", "samora_ft", "samora_sum", "hsam", "hsam_ssl", "unet", "samora_cached", "heads")
 
 
 def method_curves(fewshot_record: dict, budget: float = 1.0) -> dict[str, dict[str, Any]]:
@@ -108,7 +111,12 @@ def analyse(fewshot_record: dict) -> dict[str, Any]:
     return {"curves": curves, "pairs": pairs}
 
 
-def plot(analysis: dict, titles: dict[str, str], out: Path) -> Path:
+def output_name(fewshot_record: dict) -> str:
+    """File stem of this analysis: efficiency, or efficiency_<preset> for a pretrained preset's few-shot run."""
+    return "efficiency" + fewshot.result_name(fewshot_record["settings"]["preset"]).removeprefix("fewshot")
+
+
+def plot(analysis: dict, titles: dict[str, str], out: Path, name: str = "efficiency") -> Path:
     """Held-out Dice per epoch, mean ± std over seeds."""
     series = {
         titles.get(m, m): (c["epochs"], c["heldout_dice"]) for m, c in analysis["curves"].items() if m in CURVE_METHODS
@@ -120,8 +128,8 @@ def plot(analysis: dict, titles: dict[str, str], out: Path) -> Path:
     }
     return plot_lines(
         series=series,
-        out_png=out / "efficiency_curves.png",
-        title="Fine-tuning on 100% of the training slices: held-out Dice per epoch (mean ± std over seeds)",
+        out_png=out / f"{name}_curves.png",
+        title="Fine-tuning: held-out Dice per epoch (mean ± std over seeds)",
         xlabel="epoch (full training set)",
         ylabel="Dice on the test slabs",
         hlines=hlines,
@@ -132,14 +140,16 @@ def render_markdown(record: dict) -> str:
     """The efficiency section of docs/benchmarks.md."""
     analysis = record["analysis"]
     titles = record["methods"]
+    budget = curve_budget(record)
     out = [
         "## 2. Fine-tuning efficiency",
         "",
         "Held-out Dice (pooled over the test slabs' slices at the model's input size, classes present there) after "
-        "every epoch of the 100%-budget runs of section 1: same seeds, same step budget, same data. The curve is "
-        "monitoring only; the models of section 1 are chosen on their training slices. `epochs to 90%`: first "
-        "epoch at which the seed-mean curve reaches 90% of the no-SSL reference's final (last-epoch) seed-mean "
-        "Dice; per seed in brackets (each seed against its own reference).",
+        f"every epoch (of the full training set's length) of the {100 * budget:g}%-budget runs of the few-shot "
+        "section: same seeds, same step budget, same data. The curve is monitoring only; the few-shot models are "
+        "chosen on their training slices. `epochs to 90%`: first epoch at which the seed-mean curve reaches 90% of "
+        "the reference's final (last-epoch) seed-mean Dice; per seed in brackets (each seed against its own "
+        "reference).",
         "",
     ]
     rows = []
@@ -166,10 +176,10 @@ def render_markdown(record: dict) -> str:
             [
                 "pair",
                 "reference final Dice",
-                "SSL variant final Dice",
+                "variant final Dice",
                 "target (90%)",
                 "reference epochs to target",
-                "SSL epochs to target (per seed)",
+                "variant epochs to target (per seed)",
                 "epochs saved",
                 "epochs run",
             ],
@@ -184,7 +194,7 @@ def render_markdown(record: dict) -> str:
         rows = []
         for i, e in enumerate(epochs):
             rows.append(
-                [f"{e:.0f}"]
+                [f"{e:.1f}"]
                 + [
                     fmt_ms([ys[i] for ys in curves[m]["heldout_dice"]]) if i < len(curves[m]["epochs"]) else "-"
                     for m in methods
@@ -192,7 +202,7 @@ def render_markdown(record: dict) -> str:
             )
         out.append(md_table(["epoch", *methods], rows))
     out += ["", f"Method keys: {', '.join(f'`{m}` = {titles.get(m, m)}' for m in curves)}.", ""]
-    out += ["![efficiency](efficiency_curves.png)", ""]
+    out += [f"![efficiency]({output_name(record)}_curves.png)", ""]
     return "\n".join(out)
 
 
@@ -238,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         "analysis": analysis,
         "wall_s": time.perf_counter() - wall,
     }
-    path = write_json(out / "results" / "efficiency.json", record)
-    plot(analysis, fewshot_record["methods"], out)
+    name = output_name(fewshot_record)
+    path = write_json(out / "results" / f"{name}.json", record)
+    png = plot(analysis, fewshot_record["methods"], out, name)
     print(render_markdown(record))
     print("\n".join(header_lines(record)))
-    print(f"wrote {path} and {out / 'efficiency_curves.png'}")
+    print(f"wrote {path} and {png}")
     return 0
 
 
