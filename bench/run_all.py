@@ -29,6 +29,7 @@ import distributed
 import efficiency
 import fewshot
 import mim_reference
+import real_summary
 import ssl_memory
 import summary
 from paths import ROOT
@@ -170,6 +171,9 @@ def compose(
         stages=stages, args=args, wall=wall, machine=machine, previous=previous, reading=summary.reading(few, eff, al)
     )
     lines = [head, ""]
+    real = real_summary.render(results)  # the pretrained encoder's answers lead, when their records exist
+    if real:
+        lines += [real, ""]
     if few:
         lines += [fewshot.render_markdown(few), f"Seeds: {few['settings']['seeds']}. Command: `{few['command']}`.", ""]
     if eff:

@@ -1,0 +1,168 @@
+"""The section that leads docs/benchmarks.md: what the real, medically pretrained encoder (LiteMedSAM) answers, in
+plain words, computed from the JSON records of bench/fewshot.py --preset litemedsam, bench/efficiency.py on that
+record, and bench/active_ct.py (whichever exist).
+
+    python bench/real_summary.py [--results docs/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import active_learning
+import fewshot
+from paths import ROOT
+from records import read_json
+from report import md_table
+from stats import mean_std
+
+PRESET = "litemedsam"
+HEADLINE_BUDGET = 0.1
+SAMORA_MODES = ("samora_cached", "samora", "hsam_ssl")  # the better of them is "SAMora" in the targets
+ROW_ORDER = ("samora_cached", "samora", "hsam_ssl", "samed", "heads", "unet", "segresnet", "zeroshot")
+TARGETS = {"vs_unet": 0.15, "vs_samed": 0.03, "epoch_share": 0.30, "label_share": 0.70}
+
+
+def large_dice(few: dict, method: str, budget: float, key: str = "large_mean_dice") -> tuple[float, float, int]:
+    """Mean and std over seeds of one row's mean Dice (8 large organs by default), and the number of seeds."""
+    values = [r[key] for r in fewshot.runs_of(few, method, budget)]
+    mean, std = mean_std(values)
+    return mean, std, len(values)
+
+
+def cell(few: dict, method: str, budget: float) -> str:
+    """'large / all' for one row and budget, with the seed count when there is more than one."""
+    large, large_sd, n = large_dice(few, method, budget)
+    if not n:
+        return "not run"
+    everything = large_dice(few, method, budget, "mean_dice")[0]
+    spread = f" ± {large_sd:.3f}" if n > 1 else ""
+    return f"{large:.3f}{spread} / {everything:.3f}" + (f" ({n} seeds)" if n > 1 else "")
+
+
+def dice_table(few: dict) -> str:
+    """One row per method that ran: large-organ / all-organ mean Dice per budget."""
+    budgets = few["settings"]["budgets"]
+    rows = [
+        [few["methods"][m], *(cell(few, m, b) for b in budgets)]
+        for m in ROW_ORDER
+        if m in few["methods"] and any(fewshot.runs_of(few, m, b) for b in budgets)
+    ]
+    return md_table(["mean Dice (8 large organs / all)", *(f"{100 * b:g}%" for b in budgets)], rows)
+
+
+def best_samora(few: dict, budget: float) -> tuple[str, float] | None:
+    """The SAMora mode with the highest large-organ Dice at `budget` (None if none ran)."""
+    scored = [(large_dice(few, m, budget)[0], m) for m in SAMORA_MODES if fewshot.runs_of(few, m, budget)]
+    scored = [(d, m) for d, m in scored if not math.isnan(d)]
+    return (max(scored)[1], max(scored)[0]) if scored else None
+
+
+def verdict(value: float, target: float) -> str:
+    return "met" if value >= target else "missed"
+
+
+def fewshot_answers(few: dict) -> list[str]:
+    """SAMora (its better mode) against the UNet and the SAMed-style LoRA at the headline budget."""
+    b = HEADLINE_BUDGET
+    best = best_samora(few, b)
+    if best is None:
+        return [f"No SAMora row at {100 * b:g}% yet."]
+    mode, dice = best
+    seeds = large_dice(few, mode, b)[2]
+    lines = [f"SAMora's better mode at {100 * b:g}% of the labelled slices is `{mode}` ({dice:.3f}, {seeds} seed(s))."]
+    for other, key in (("unet", "vs_unet"), ("samed", "vs_samed")):
+        ref, _, n = large_dice(few, other, b)
+        if not n:
+            lines.append(f"Against `{other}`: not measured (no run at {100 * b:g}%).")
+            continue
+        gap = dice - ref
+        lines.append(
+            f"Against `{other}` ({ref:.3f}): {gap:+.3f} large-organ mean Dice; target >= +{TARGETS[key]:.2f}: "
+            f"**{verdict(gap, TARGETS[key])}**."
+        )
+    return lines
+
+
+def efficiency_answers(eff: dict) -> list[str]:
+    """Epochs each variant needs to reach 90% of the SAMed-style run's final held-out Dice."""
+    lines = []
+    for p in eff["analysis"]["pairs"]:
+        if p["reference"] != "samed":
+            continue
+        total, reached = p["total_epochs"], p["ssl_epochs_to_target"]
+        if reached is None:
+            lines.append(f"`{p['ssl_method']}` never reaches 90% of `samed`'s final held-out Dice "
+                         f"({p['target_dice']:.3f}) within {total:.1f} epochs: target **missed**.")  # fmt: skip
+            continue
+        share = reached / total
+        lines.append(
+            f"`{p['ssl_method']}` reaches 90% of `samed`'s final held-out Dice ({p['target_dice']:.3f}) after "
+            f"{reached:.1f} of {total:.1f} epochs ({share:.0%}; target <= {TARGETS['epoch_share']:.0%}: "
+            f"**{'met' if share <= TARGETS['epoch_share'] else 'missed'}**)."
+        )
+    return lines or ["Fine-tuning efficiency: no SAMed-style curve yet, so no epochs-to-90% figure."]
+
+
+def active_learning_answers(al: dict) -> list[str]:
+    """Labels the uncertainty strategy needs to reach random's final Dice."""
+    needed = active_learning.labels_needed(al)
+    if not needed:
+        return []
+    reached, total = needed["uncertainty_labels_to_reach"], needed["random_labels"]
+    seeds = len({t["seed"] for t in al["trajectories"]})
+    if reached is None:
+        outcome = "never reaches it within the budget: target **missed**"
+    else:
+        share = reached / total
+        outcome = (
+            f"reaches it with {reached} ({share:.0%}; target <= {TARGETS['label_share']:.0%}: "
+            f"**{'met' if share <= TARGETS['label_share'] else 'missed'}**)"
+        )
+    return [
+        f"Active learning on real CT pseudo-studies ({seeds} seed(s)): random sampling ends at "
+        f"{needed['random_final_mean_dice']:.3f} large-organ Dice with {total} labelled pseudo-studies; uncertainty "
+        f"sampling {outcome}; per seed: {needed['per_seed']}."
+    ]
+
+
+def render(results: Path) -> str:
+    """The section's markdown from the records present in `results`."""
+    few_path = results / f"{fewshot.result_name(PRESET)}.json"
+    if not few_path.exists():
+        return ""
+    few = read_json(few_path)
+    eff_path, al_path = results / f"efficiency_{PRESET}.json", results / "active_ct.json"
+    machine = few["machine"]
+    out = [
+        "## Real weights first: LiteMedSAM on real CT",
+        "",
+        f"Records: `{few_path.name}`" + "".join(f", `{p.name}`" for p in (eff_path, al_path) if p.exists())
+        + f" (machine: {machine['cpu']}, {machine['cpu_cores_usable']} usable cores, GPU: {machine['gpu']}). "
+        "Dice against the TotalSegmentator pseudo-labels of ct_abdomen_totalseg, held-out slabs.",
+        "",
+        dice_table(few),
+        "",
+        *(f"- {line}" for line in fewshot_answers(few)),
+    ]  # fmt: skip
+    if eff_path.exists():
+        out += [f"- {line}" for line in efficiency_answers(read_json(eff_path))]
+    if al_path.exists():
+        out += [f"- {line}" for line in active_learning_answers(read_json(al_path))]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(ROOT / "docs" / "results"), help="folder of the JSON records")
+    args = parser.parse_args(argv)
+    text = render(Path(args.results))
+    print(text or f"no {fewshot.result_name(PRESET)}.json in {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

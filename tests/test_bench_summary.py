@@ -1,0 +1,41 @@
+"""The real-weight summary that leads docs/benchmarks.md states each target as met or missed from the records."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import real_summary  # noqa: E402
+
+MACHINE = {"cpu": "test CPU", "cpu_cores_usable": 2, "gpu": "none"}
+
+
+def _run(method: str, budget: float, seed: int, large: float) -> dict:
+    return {"method": method, "budget": budget, "seed": seed, "large_mean_dice": large, "mean_dice": large - 0.05}
+
+
+def _write(folder: Path, name: str, record: dict) -> None:
+    (folder / name).write_text(json.dumps(record))
+
+
+def test_targets_are_judged_from_the_numbers(tmp_path: Path) -> None:
+    runs = [_run("samora_cached", 0.1, s, 0.40 + 0.01 * s) for s in (0, 1)]
+    runs += [_run("unet", 0.1, 0, 0.20), _run("samed", 0.1, 0, 0.39), _run("heads", 0.1, 0, 0.35)]
+    methods = {m: m for m in ("samora_cached", "unet", "samed", "heads")}
+    few = {"settings": {"budgets": [0.1]}, "methods": methods, "runs": runs, "machine": MACHINE}
+    _write(tmp_path, "fewshot_litemedsam.json", few)
+    text = real_summary.render(tmp_path)
+    assert "| samora_cached | 0.405 ± 0.005 / 0.355 (2 seeds) |" in text
+    assert "Against `unet` (0.200): +0.205 large-organ mean Dice; target >= +0.15: **met**" in text
+    assert "Against `samed` (0.390): +0.015 large-organ mean Dice; target >= +0.03: **missed**" in text
+
+    pair = {"reference": "samed", "ssl_method": "samora_cached", "total_epochs": 10.0, "target_dice": 0.3,
+            "ssl_epochs_to_target": 4.0}  # fmt: skip
+    _write(tmp_path, "efficiency_litemedsam.json", {"analysis": {"pairs": [pair]}})
+    assert "after 4.0 of 10.0 epochs (40%; target <= 30%: **missed**)" in real_summary.render(tmp_path)
+
+
+def test_nothing_to_say_without_the_real_weight_record(tmp_path: Path) -> None:
+    assert real_summary.render(tmp_path) == ""
