@@ -26,7 +26,7 @@ import active_learning
 import numpy as np
 from cli import add_common_args, preset_for
 from fewshot import load_case, score, segment_test_slabs, slab_volume, split_slabs, test_embeddings, window_for
-from jobs import Job, peak_rss_mb, reset_peak_rss, run_jobs
+from jobs import Job, JobJournal, peak_rss_mb, reset_peak_rss, run_jobs
 from methods import METHODS, build_model, finetune_config
 from paths import DATA
 from plots import plot_lines
@@ -203,9 +203,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     after=("ssl",),
                 )
             )
-    print(f"active learning on CT: {len(jobs)} jobs on {args.workers} workers x {args.threads} thread(s)", flush=True)
+    # finished trajectories are journalled beside the results: an interrupted run (or a clone) resumes from them
+    recipe = {k: v for k, v in job_settings.items() if k not in ("seeds", "data", "embedding_dir", "experts")}
+    journal = JobJournal(Path(args.out) / "results" / "active_ct_jobs.jsonl", recipe)
+    if args.fresh:
+        journal.clear()
+    done = {k: v for k, v in journal.finished().items() if k in {j.key for j in jobs}}
+    print(f"active learning on CT: {len(jobs)} jobs ({len(done)} journalled) on {args.workers} workers x "
+          f"{args.threads} thread(s)", flush=True)  # fmt: skip
 
-    results = run_jobs(jobs, args.workers, args.threads, active_learning.report_progress)
+    def on_result(job: Job, result: dict) -> None:
+        active_learning.report_progress(job, result)
+        journal.record(job.key, result)
+
+    results = run_jobs(jobs, args.workers, args.threads, on_result, done=done)
     return {
         **run_header("active_ct", args),
         "settings": {
@@ -283,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device of training and inference (e.g. cuda)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per round")
     parser.add_argument("--max-labeled", type=int, default=None, help="stop when this many pseudo-studies are labelled")
+    parser.add_argument("--fresh", action="store_true", help="ignore the journal of an earlier run")
     args = parser.parse_args(argv)
     record = run(args)
     out = Path(args.out)

@@ -27,14 +27,18 @@ def test_pool_studies_cover_the_training_slices_in_short_consecutive_runs():
 
 def test_quick_run_labels_the_most_uncertain_study(tmp_path: Path, shared_data: Path) -> None:
     out = tmp_path / "docs"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "active_ct.py"), "--quick", "--out", str(out),
-         "--work", str(tmp_path / "work"), "--workers", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "SAMORA_SHARED_DATA": str(shared_data)},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    record = json.loads((out / "results" / "active_ct.json").read_text())
+
+    def run() -> tuple[str, dict]:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "active_ct.py"), "--quick", "--out", str(out),
+             "--work", str(tmp_path / "work"), "--workers", "1"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "SAMORA_SHARED_DATA": str(shared_data)},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout, json.loads((out / "results" / "active_ct.json").read_text())
+
+    _, record = run()
     by_strategy = {t["strategy"]: t for t in record["trajectories"]}
     assert set(by_strategy) == {"uncertainty", "random"}
     for trajectory in by_strategy.values():
@@ -46,3 +50,7 @@ def test_quick_run_labels_the_most_uncertain_study(tmp_path: Path, shared_data: 
     most_uncertain = max(entropy, key=entropy.get)
     assert first["picked"] == record["settings"]["pool"][int(most_uncertain)]
     assert (out / "active_ct.png").is_file()
+    # a second run finds every job in the journal and reports the same trajectories without training again
+    stdout, again = run()
+    assert "(3 journalled)" in stdout
+    assert again["trajectories"] == record["trajectories"]
