@@ -148,10 +148,16 @@ def render(results: Path) -> str:
         "",
         *(f"- {line}" for line in fewshot_answers(few)),
     ]  # fmt: skip
+    records = {few_path.name: few}
     if eff_path.exists():
-        out += [f"- {line}" for line in efficiency_answers(read_json(eff_path))]
+        records[eff_path.name] = read_json(eff_path)
+        out += [f"- {line}" for line in efficiency_answers(records[eff_path.name])]
     if al_path.exists():
-        out += [f"- {line}" for line in active_learning_answers(read_json(al_path))]
+        records[al_path.name] = read_json(al_path)
+        out += [f"- {line}" for line in active_learning_answers(records[al_path.name])]
+    out += ["", "Commands (each record names its own):", ""]
+    for name, record in records.items():
+        out.append(f"- `{name}`: `{record.get('command', '?')}` ({record.get('date', 'date not recorded')})")
     return "\n".join(out) + "\n"
 
 
