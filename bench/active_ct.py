@@ -69,8 +69,6 @@ def pool_studies(train: Sequence[int], length: int = STUDY_SLICES) -> list[tuple
 
 def run_trajectory(seed: int, strategy: str, settings: dict[str, Any]) -> dict[str, Any]:
     """One strategy, one seed: rounds of train (warm) -> score the test slabs -> acquire one pseudo-study."""
-    from samora.engine.train import finetune, slices_from_arrays
-
     reset_peak_rss()
     start = time.perf_counter()
     case = load_case(settings["data"], tuple(settings["window_hu"]))
@@ -92,28 +90,7 @@ def run_trajectory(seed: int, strategy: str, settings: dict[str, Any]) -> dict[s
     rounds = []
     while True:
         indices = sorted(z for i in labeled for z in studies[i])
-        train = slices_from_arrays(
-            volume01=case.v01,
-            labels=case.labels,
-            axis=case.axis,
-            size=size,
-            context="single",
-            case_id="pool",
-            empty_fraction=1.0,
-            rng=np.random.default_rng([seed, len(labeled)]),
-            indices=indices,
-        )
-        config = finetune_config(
-            steps=settings["steps"],
-            n_slices=len(train),
-            batch_size=settings["batch_size"],
-            lr=settings["lr"],
-            seed=seed + len(labeled),
-            mode="cached",
-            embedding_dir=settings["embedding_dir"],
-            device=settings["device"],
-        )
-        history = finetune(model, train, config)
+        history = train_round(model, case, indices, settings, seed=seed + len(labeled))
         pred = segment_test_slabs(
             model=model, case=case, split=split, image_size=size, embeddings=embeddings, device=settings["device"]
         )
@@ -147,6 +124,34 @@ def run_trajectory(seed: int, strategy: str, settings: dict[str, Any]) -> dict[s
         "seconds": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def train_round(model: Any, case: Any, indices: Sequence[int], settings: dict[str, Any], seed: int) -> dict:
+    """Continue training `model` in the cheap mode on the labelled slices `indices`; returns finetune's history."""
+    from samora.engine.train import finetune, slices_from_arrays
+
+    train = slices_from_arrays(
+        volume01=case.v01,
+        labels=case.labels,
+        axis=case.axis,
+        size=settings["image_size"],
+        context="single",
+        case_id="pool",
+        empty_fraction=1.0,
+        rng=np.random.default_rng(seed),
+        indices=indices,
+    )
+    config = finetune_config(
+        steps=settings["steps"],
+        n_slices=len(train),
+        batch_size=settings["batch_size"],
+        lr=settings["lr"],
+        seed=seed,
+        mode="cached",
+        embedding_dir=settings["embedding_dir"],
+        device=settings["device"],
+    )
+    return finetune(model, train, config)
 
 
 def study_entropy(model: Any, case: Any, study: Sequence[int], embeddings: Any, settings: dict[str, Any]) -> float:
