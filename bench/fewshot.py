@@ -276,9 +276,37 @@ def test_embeddings(model: Any, settings: dict[str, Any]) -> Any:
     return EmbeddingStore(settings["embedding_dir"], model) if settings.get("embedding_dir") else None
 
 
+class HeldoutCurve:
+    """finetune's on_epoch hook: Dice on the held-out slices every `every` optimiser steps and at the last step
+    (monitoring for bench/efficiency.py; never used to choose a checkpoint)."""
+
+    def __init__(self, model: Any, heldout: Any, every: int, max_steps: int, embeddings: Any, settings: dict) -> None:
+        self.model, self.heldout, self.every, self.max_steps = model, heldout, every, max_steps
+        self.embeddings, self.device = embeddings, settings["device"]
+        self.next_mark = every
+        self.points: list[dict[str, float]] = []
+
+    def __call__(self, record: dict) -> None:
+        from samora.engine.train import evaluate_slices
+
+        if record["step"] < self.next_mark and record["step"] < self.max_steps:
+            return
+        dice = evaluate_slices(self.model, self.heldout, batch_size=8, device=self.device, embeddings=self.embeddings)
+        self.points.append(
+            {
+                "step": record["step"],
+                "epoch": record["step"] / self.every,
+                "heldout_dice": dice,
+                "train_dice": record["selection_dice"],
+                "loss": record["loss"],
+            }
+        )
+        self.next_mark = (record["step"] // self.every + 1) * self.every
+
+
 def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune one method on one label budget with one seed; score it on the test slabs."""
-    from samora.engine.train import evaluate_slices, finetune, slices_from_arrays
+    from samora.engine.train import finetune, slices_from_arrays
 
     reset_peak_rss()
     start = time.perf_counter()
@@ -327,34 +355,15 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
         embedding_dir=settings["embedding_dir"] if cached else None,
         device=settings["device"],
     )
-    curve: list[dict[str, float]] = []
-    record_curve = budget in settings["curve_budgets"]
-    heldout = ct_slices("test", split.test) if record_curve else None
     embeddings = test_embeddings(model, settings) if cached else None  # a frozen encoder: every slice encoded once
-    heldout_embeddings = None
-    if heldout is not None and embeddings is not None:  # computed once, not at every curve point
-        heldout_embeddings = embeddings.embed(model, heldout.images, device=settings["device"])
-    every = settings["epoch_steps"]
-    next_mark = every
-
-    def on_epoch(record: dict) -> None:
-        nonlocal next_mark
-        if heldout is None or (record["step"] < next_mark and record["step"] < config.max_steps):
-            return
-        curve.append(
-            {
-                "step": record["step"],
-                "epoch": record["step"] / every,
-                "heldout_dice": evaluate_slices(
-                    model, heldout, batch_size=8, device=settings["device"], embeddings=heldout_embeddings
-                ),
-                "train_dice": record["selection_dice"],
-                "loss": record["loss"],
-            }
-        )
-        next_mark = (record["step"] // every + 1) * every
-
-    history = finetune(model, train, config, val=None, on_epoch=on_epoch)
+    curve = None
+    if budget in settings["curve_budgets"]:
+        heldout = ct_slices("test", split.test)
+        heldout_embeddings = None
+        if embeddings is not None:  # computed once, not at every curve point
+            heldout_embeddings = embeddings.embed(model, heldout.images, device=settings["device"])
+        curve = HeldoutCurve(model, heldout, settings["epoch_steps"], config.max_steps, heldout_embeddings, settings)
+    history = finetune(model, train, config, val=None, on_epoch=curve)
     pred = segment_test_slabs(
         model=model, case=case, split=split, image_size=size, embeddings=embeddings, device=settings["device"]
     )
@@ -372,7 +381,7 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
         "train_seconds": history["total_time"],
         "seconds": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
-        "curve": curve,
+        "curve": curve.points if curve is not None else [],
         **score(pred, case, split),
     }
 
@@ -460,10 +469,8 @@ def runs_here(method: Method, budget: float, seed: int, base: dict[str, Any]) ->
     return True
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every (method, budget, seed) job and the SSL jobs they need; returns the JSON record."""
-    wall = time.perf_counter()
-    preset = preset_for(args.checkpoint, args.preset)
+def base_settings(args: argparse.Namespace, preset: str) -> dict[str, Any]:
+    """The preset's profile (or the quick one) with the command line's overrides; unknown methods refused."""
     base = dict(QUICK if args.quick else PROFILES.get(preset, DEFAULTS))
     for key in ("seeds", "budgets", "methods", "image_size", "steps", "batch_size", "lr", "ssl_steps", "full_stage"):
         value = getattr(args, key, None)
@@ -472,6 +479,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [m for m in base["methods"] if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    return base
+
+
+def fewshot_jobs(base: dict[str, Any], settings: dict[str, Any]) -> list[Job]:
+    """One job per (seed, budget, method) that runs on this machine; SAMora variants wait for their seed's SSL."""
+    return [
+        Job(
+            job_key(method, budget, seed),
+            run_fewshot_job,
+            {"method": method, "budget": budget, "seed": seed, "settings": settings},
+            after=(f"ssl/{seed}",) if METHODS[method].ssl else (),
+            cost=RELATIVE_COST.get(method, 1.0),
+        )
+        for seed in base["seeds"]
+        for budget in base["budgets"]
+        for method in base["methods"]
+        if runs_here(METHODS[method], budget, seed, base)
+    ]
+
+
+def report_progress(job: Job, result: dict) -> None:
+    """One line per finished job: an SSL run's time and losses, or a row's Dice."""
+    if job.key.startswith("ssl/"):
+        levels = result["levels"].items()
+        losses = {k: (round(v["first_loss"] or 0, 3), round(v["final_loss"] or 0, 3)) for k, v in levels}
+        print(f"  {job.key}: {result['seconds']:.0f} s, loss first->final {losses}", flush=True)
+        return
+    print(
+        f"  {job.key}: mean Dice {result['mean_dice']:.3f} ({result['n_train_slices']} slices, "
+        f"{result['train_seconds']:.0f} s training)",
+        flush=True,
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every (method, budget, seed) job and the SSL jobs they need; returns the JSON record."""
+    wall = time.perf_counter()
+    preset = preset_for(args.checkpoint, args.preset)
+    base = base_settings(args, preset)
     work = Path(args.work)
     data = str(Path(args.data))
     case = load_case(data, window_for(preset))
@@ -508,40 +554,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "curve_budgets": [FULL_STAGE_CPU[0] if base["full_stage"] == "cpu" else 1.0],
         "epoch_steps": epoch_steps,
     }
-    jobs: list[Job] = []
-    if needs_ssl:
-        for seed in base["seeds"]:
-            jobs.append(
-                Job(f"ssl/{seed}", run_ssl_job, {"work": str(work), "spec": spec_dict(spec), "seed": seed}, cost=1e6)
-            )
-    for seed in base["seeds"]:
-        for budget in base["budgets"]:
-            for method in base["methods"]:
-                if not runs_here(METHODS[method], budget, seed, base):
-                    continue
-                jobs.append(
-                    Job(
-                        job_key(method, budget, seed),
-                        run_fewshot_job,
-                        {"method": method, "budget": budget, "seed": seed, "settings": settings},
-                        after=(f"ssl/{seed}",) if METHODS[method].ssl else (),
-                        cost=RELATIVE_COST.get(method, 1.0),
-                    )
-                )
+    ssl_jobs = [
+        Job(f"ssl/{seed}", run_ssl_job, {"work": str(work), "spec": spec_dict(spec), "seed": seed}, cost=1e6)
+        for seed in (base["seeds"] if needs_ssl else ())
+    ]
+    jobs = ssl_jobs + fewshot_jobs(base, settings)
     print(f"fewshot: {len(jobs)} jobs on {args.workers} workers x {args.threads} thread(s)", flush=True)
-
-    def progress(job: Job, result: dict) -> None:
-        if job.key.startswith("ssl/"):
-            losses = {
-                k: (round(v["first_loss"] or 0, 3), round(v["final_loss"] or 0, 3)) for k, v in result["levels"].items()
-            }
-            print(f"  {job.key}: {result['seconds']:.0f} s, loss first->final {losses}", flush=True)
-        else:
-            print(
-                f"  {job.key}: mean Dice {result['mean_dice']:.3f} ({result['n_train_slices']} slices, "
-                f"{result['train_seconds']:.0f} s training)",
-                flush=True,
-            )
 
     # a job's result depends on the recipe, not on which other methods, budgets or seeds the run lists, nor on where
     # the data, the embeddings and the experts lie (folders differ between clones)
@@ -562,7 +580,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return make_record(context, finished)
 
     def on_result(job: Job, result: dict) -> None:
-        progress(job, result)
+        report_progress(job, result)
         journal.record(job.key, result)
         finished[job.key] = result
         write_partial(make_record(context, finished))
@@ -686,27 +704,51 @@ def cost_table(record: dict) -> str:
 def render_markdown(record: dict) -> str:
     """The few-shot section of docs/benchmarks.md."""
     s = record["settings"]
-    budgets = s["budgets"]
-    methods = list(record["methods"])
-    seeds = s["seeds"]
-    organs = list(record["data"]["test_organs"])
-    out = [
-        "## 1. Few-shot quality on real CT",
+    out = ["## 1. Few-shot quality on real CT", "", *setup_lines(record)]
+    out += ["", "### Mean over test organs (mean ± std over seeds)", ""]
+    out.append(mean_table(record, "mean_dice"))
+    if any("large_mean_dice" in r for r in record["runs"]):
+        out += ["", f"Mean over the 8 large organs ({', '.join(LARGE_ORGANS)}):", ""]
+        out.append(mean_table(record, "large_mean_dice"))
+    if any("peak_rss_mb" in r for r in record["runs"]):
+        out += ["", "Cost per run (mean over seeds): wall seconds (training + scoring) and the run's peak RSS:", ""]
+        out.append(cost_table(record))
+    out += [
         "",
-        f"- Data: `ct_abdomen_totalseg`, {record['data']['shape']} voxels at {record['data']['spacing_mm']} mm. "
-        + record["data"]["note"],
-        f"- Split: {record['data']['split']}",
+        "HD95 in mm (spacing-aware convention of docs/design.md §14, averaged over the organs the model detected; "
+        "`missed` = organs with an empty prediction, whose HD95 is infinite), and the SAMed/H-SAM convention "
+        "(voxel units; an empty prediction scores Dice 0 and HD95 0, so missing an organ *lowers* its mean HD95):",
+        "",
+        hd95_table(record),
+        "",
+        f"![few-shot Dice]({result_name(s['preset'])}_dice.png)",
+        "",
+        *per_organ_lines(record),
+        "",
+        f"Method keys: {', '.join(f'`{k}` = {v}' for k, v in record['methods'].items())}.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def setup_lines(record: dict) -> list[str]:
+    """The protocol in bullet points: data, split, organs, budgets, backbone, recipe, seeds and the SSL runs."""
+    s, data = record["settings"], record["data"]
+    organs = list(data["test_organs"])
+    out = [
+        f"- Data: `ct_abdomen_totalseg`, {data['shape']} voxels at {data['spacing_mm']} mm. " + data["note"],
+        f"- Split: {data['split']}",
         f"- Scored organs (present in the test slabs, {len(organs)}): {', '.join(organs)}. The model predicts all "
-        f"{len(record['data']['labels_in_model'])} labels of `labels.json`.",
-        f"- Label budgets: {', '.join(f'{100 * b:g}%' for b in budgets)} of the {len(record['data']['train_slices'])} "
+        f"{len(data['labels_in_model'])} labels of `labels.json`.",
+        f"- Label budgets: {', '.join(f'{100 * b:g}%' for b in s['budgets'])} of the {len(data['train_slices'])} "
         "training slices (round(fraction x n), stratified along z: one random slice from each of k equal runs).",
         f"- Backbone: `{s['preset']}`, {s['backbone']}. " + (RANDOM_BACKBONE_NOTE if is_random(s) else ""),
         f"- Same budget for every method: {s['steps']} optimiser steps of batch {s['batch_size']} "
         f"(= {s['steps'] / s['steps_per_full_data_epoch']:.0f} epochs of the full training set), lr {s['lr']}, "
         f"{s['optimiser']}; loss {s['loss']}; augmentation: {s['augmentation']}; input {s['image_size']}x"
         f"{s['image_size']}, window {s['intensity_window_hu']} HU; {s['checkpoint_choice']}.",
-        f"- Seeds: {seeds}. The seed sets the random backbone and new heads, the budget's slice draw, the data order "
-        "and the SSL run. SAMora variants of a seed share that seed's experts.",
+        f"- Seeds: {s['seeds']}. The seed sets the random backbone and new heads, the budget's slice draw, the data "
+        "order and the SSL run. SAMora variants of a seed share that seed's experts.",
     ]
     if s.get("ssl"):
         ssl = s["ssl"]
@@ -726,26 +768,17 @@ def render_markdown(record: dict) -> str:
                 if v.get("first_loss") is not None
             )
             out.append(f"  - seed {r['seed']}: {r['seconds']:.0f} s; loss first->last 10 steps: {losses}")
-    out += ["", "### Mean over test organs (mean ± std over seeds)", ""]
-    out.append(mean_table(record, "mean_dice"))
-    if any("large_mean_dice" in r for r in record["runs"]):
-        out += ["", f"Mean over the 8 large organs ({', '.join(LARGE_ORGANS)}):", ""]
-        out.append(mean_table(record, "large_mean_dice"))
-    if any("peak_rss_mb" in r for r in record["runs"]):
-        out += ["", "Cost per run (mean over seeds): wall seconds (training + scoring) and the run's peak RSS:", ""]
-        out.append(cost_table(record))
-    out += [
-        "",
-        "HD95 in mm (spacing-aware convention of docs/design.md §14, averaged over the organs the model detected; "
-        "`missed` = organs with an empty prediction, whose HD95 is infinite), and the SAMed/H-SAM convention "
-        "(voxel units; an empty prediction scores Dice 0 and HD95 0, so missing an organ *lowers* its mean HD95):",
-        "",
-    ]
+    return out
+
+
+def hd95_table(record: dict) -> str:
+    """Per method and budget: HD95 in mm over the detected organs, organs missed, and the SAMed convention."""
+    budgets = record["settings"]["budgets"]
     headers = ["method"]
     for b in budgets:
         headers += [f"HD95 mm @ {100 * b:g}%", f"missed @ {100 * b:g}%", f"SAMed Dice / HD95 vox @ {100 * b:g}%"]
     rows = []
-    for m in methods:
+    for m in record["methods"]:
         row = [record["methods"][m]]
         for b in budgets:
             rs = runs_of(record, m, b)
@@ -755,36 +788,37 @@ def render_markdown(record: dict) -> str:
                 f"{fmt_ms([r['samed_mean_dice'] for r in rs], 3)} / {fmt_ms([r['samed_mean_hd95'] for r in rs], 1)}",
             ]
         rows.append(row)
-    out.append(md_table(headers, rows))
-    out += ["", f"![few-shot Dice]({result_name(s['preset'])}_dice.png)", ""]
-    out.append("### Per organ")
-    out.append("")
-    out.append(
+    return md_table(headers, rows)
+
+
+PER_ORGAN_TABLES = (
+    ("Dice", "dice", 2),
+    ("HD95 (mm)", "hd95_mm", 1),
+    ("SAMed-convention Dice", "samed_dice", 2),
+    ("SAMed-convention HD95 (voxels)", "samed_hd95", 1),
+)
+
+
+def per_organ_lines(record: dict) -> list[str]:
+    """Folded per-organ tables (one per metric and budget), mean ± std over seeds."""
+    methods = list(record["methods"])
+    out = [
+        "### Per organ",
+        "",
         "Cells: mean ± std over seeds. HD95 mm: infinite values (empty prediction) are counted as `missed k/n` and "
-        "left out of the mean."
-    )
-    for b in budgets:
-        for title, key, digits in (
-            ("Dice", "dice", 2),
-            ("HD95 (mm)", "hd95_mm", 1),
-            ("SAMed-convention Dice", "samed_dice", 2),
-            ("SAMed-convention HD95 (voxels)", "samed_hd95", 1),
-        ):
+        "left out of the mean.",
+    ]
+    for b in record["settings"]["budgets"]:
+        for title, key, digits in PER_ORGAN_TABLES:
             out += ["", f"<details><summary>{title} per organ at {100 * b:g}% of the training slices</summary>", ""]
-            short = [m for m in methods]
-            rows = []
-            for organ in organs:
-                rows.append(
-                    [organ]
-                    + [
-                        fmt_ms([r["organs"][organ][key] for r in runs_of(record, m, b)], digits, "missed")
-                        for m in short
-                    ]
-                )
-            out.append(md_table(["organ", *short], rows))
+            rows = [
+                [organ]
+                + [fmt_ms([r["organs"][organ][key] for r in runs_of(record, m, b)], digits, "missed") for m in methods]
+                for organ in record["data"]["test_organs"]
+            ]
+            out.append(md_table(["organ", *methods], rows))
             out += ["", "</details>"]
-    out += ["", f"Method keys: {', '.join(f'`{k}` = {v}' for k, v in record['methods'].items())}.", ""]
-    return "\n".join(out)
+    return out
 
 
 def comparisons(record: dict) -> list[str]:
