@@ -142,7 +142,8 @@ def render(results: Path) -> str:
         "",
         f"Records: `{few_path.name}`" + "".join(f", `{p.name}`" for p in (eff_path, al_path) if p.exists())
         + f" (machine: {machine['cpu']}, {machine['cpu_cores_usable']} usable cores, GPU: {machine['gpu']}). "
-        "Dice against the TotalSegmentator pseudo-labels of ct_abdomen_totalseg, held-out slabs.",
+        "Dice against the TotalSegmentator pseudo-labels of ct_abdomen_totalseg, held-out slabs. The numbered "
+        "sections and the honest summary below them read the random-backbone runs unless they say otherwise.",
         "",
         dice_table(few),
         "",

@@ -132,6 +132,7 @@ def head_markdown(
     machine: dict,
     previous: dict | None,
     reading: list[str],
+    real_weights: str = "",
 ) -> str:
     """Title, machine, stages and the honest summary (`previous`: the run_all.json of the run being reported)."""
     rows = "".join(
@@ -152,6 +153,7 @@ def head_markdown(
         cpu_min=f"{cpu_total / 60:.1f}",
         cpu_wall_min=f"{cpu_total / 120:.1f}",
         reading="".join(f"\n- {line}" for line in reading),
+        real_weights=f"\n{real_weights}" if real_weights else "",
         pseudo_label_note=PSEUDO_LABEL_NOTE,
         random_backbone_note=RANDOM_BACKBONE_NOTE,
     )
@@ -168,12 +170,15 @@ def compose(
     results = out / "results"
     few, eff, al = (_read(results / f"{name}.json") for name in ("fewshot", "efficiency", "active_learning"))
     head = head_markdown(
-        stages=stages, args=args, wall=wall, machine=machine, previous=previous, reading=summary.reading(few, eff, al)
+        stages=stages,
+        args=args,
+        wall=wall,
+        machine=machine,
+        previous=previous,
+        reading=summary.reading(few, eff, al),
+        real_weights=real_summary.render(results),  # the pretrained encoder's answers lead, when their records exist
     )
     lines = [head, ""]
-    real = real_summary.render(results)  # the pretrained encoder's answers lead, when their records exist
-    if real:
-        lines += [real, ""]
     if few:
         lines += [fewshot.render_markdown(few), f"Seeds: {few['settings']['seeds']}. Command: `{few['command']}`.", ""]
     if eff:
@@ -195,7 +200,7 @@ def compose(
     return "\n".join(lines).rstrip() + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (a few minutes)")
     parser.add_argument("--checkpoint", default=None, help="official SAM checkpoint (default: random backbone)")
@@ -210,27 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite benchmarks.md from the JSON files of an earlier run"
     )
-    args = parser.parse_args(argv)
-    wall = time.perf_counter()
-    out = Path(args.out).resolve()
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    if args.report_only:
-        previous = read_json(out / "results" / "run_all.json")
-        (out / "benchmarks.md").write_text(
-            compose(
-                out=out,
-                stages=previous["stages"],
-                args=args,
-                wall=previous["wall_s"],
-                machine=previous["machine"],
-                previous=previous,
-            )
-        )
-        print(f"rewrote {out / 'benchmarks.md'} from {out / 'results'}")
-        return 0
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="samora-bench-"))
-    log_dir = work / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    return parser
+
+
+def plan_stages(args: argparse.Namespace, out: Path, work: Path) -> list[tuple[str, list[str], dict | None]]:
+    """(name, command, extra environment) of each benchmark script the run executes, in order."""
     py = sys.executable
     shared = ["--out", str(out), "--work", str(work), "--workers", str(args.workers), "--threads", str(args.threads)]
     if args.quick:
@@ -255,11 +244,34 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("load", load_cmd, {"SAMORA_LOAD_REPORT": str(out / "results" / "load.json")}))
         mim_cmd = [py, str(BENCH / "mim_reference.py"), "--out", str(out / "results" / "mim_reference.json")]
         plan.append(("mim", mim_cmd, None))
+    return [stage for stage in plan if not args.only or stage[0] in args.only]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    wall = time.perf_counter()
+    out = Path(args.out).resolve()
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        previous = read_json(out / "results" / "run_all.json")
+        (out / "benchmarks.md").write_text(
+            compose(
+                out=out,
+                stages=previous["stages"],
+                args=args,
+                wall=previous["wall_s"],
+                machine=previous["machine"],
+                previous=previous,
+            )
+        )
+        print(f"rewrote {out / 'benchmarks.md'} from {out / 'results'}")
+        return 0
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="samora-bench-"))
+    log_dir = work / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
     stages = []
     try:
-        for name, cmd, env in plan:
-            if args.only and name not in args.only:
-                continue
+        for name, cmd, env in plan_stages(args, out, work):
             stages.append(run_stage(name, cmd, log_dir, env))
     finally:
         if not args.work:
