@@ -44,6 +44,7 @@ from samora.ssl.objectives import OBJECTIVES, SSLObjective, build_objective
 __all__ = [
     "CHECKPOINT_FORMAT",
     "RunHooks",
+    "SILENT",
     "SSLSettings",
     "checkpoint_path",
     "log_path",
