@@ -31,7 +31,7 @@ from methods import METHODS, build_model, finetune_config
 from paths import DATA
 from plots import plot_lines
 from records import run_header, write_json
-from report import PSEUDO_LABEL_NOTE, RANDOM_BACKBONE_NOTE, fmt_ms, header_lines, md_table
+from report import PSEUDO_LABEL_NOTE, RANDOM_BACKBONE_NOTE, header_lines
 from ssl_runs import SSLSpec, build_ssl_cache, run_ssl_job, spec_dict, ssl_dir, ssl_studies
 
 METHOD = "samora_cached"
@@ -254,7 +254,6 @@ def plot(record: dict, out: Path) -> Path:
 def render_markdown(record: dict) -> str:
     """The real-CT active-learning section of docs/benchmarks.md."""
     s = record["settings"]
-    curves = active_learning.curves(record)
     sizes = sorted({len(study) for study in s["pool"]})
     out = [
         "## Active learning on real CT",
@@ -273,21 +272,7 @@ def render_markdown(record: dict) -> str:
         "- Test Dice = mean over the 8 large organs on the test slabs. " + PSEUDO_LABEL_NOTE,
         "",
     ]
-    if curves:
-        x = curves[next(iter(curves))][0]
-        rows = [[n] + [fmt_ms([ys[i] for ys in curves[k][1]]) for k in curves] for i, n in enumerate(x)]
-        out.append(md_table(["labelled pseudo-studies", *[f"{k}: large-organ Dice" for k in curves]], rows))
-    needed = active_learning.labels_needed(record)
-    if needed:
-        reached = needed["uncertainty_labels_to_reach"]
-        share = f" ({reached / needed['random_labels']:.0%} of random's labels)" if reached else ""
-        out += [
-            "",
-            f"Random's final mean Dice ({needed['random_labels']} labelled pseudo-studies): "
-            f"{needed['random_final_mean_dice']:.3f}. Uncertainty sampling reaches it (mean curve) with "
-            + (f"**{reached}**{share}" if reached is not None else "**never** within the budget")
-            + f"; per seed: {needed['per_seed']} (None = not reached).",
-        ]
+    out += active_learning.results_lines(record, unit="pseudo-studies", metric="large-organ Dice")
     out += ["", "![active learning on CT](active_ct.png)", ""]
     return "\n".join(out)
 

@@ -300,11 +300,32 @@ def plot(record: dict, out: Path) -> Path:
     )
 
 
+def results_lines(record: dict, *, unit: str, metric: str) -> list[str]:
+    """The per-round table (mean ± std over seeds, one column per strategy) and the sentence on the labels the
+    uncertainty strategy needs to reach random's final Dice; `unit` names what is labelled, `metric` the score."""
+    c = curves(record)
+    needed = labels_needed(record)
+    out = []
+    if c:
+        x = c[next(iter(c))][0]
+        rows = [[n] + [fmt_ms([ys[i] for ys in c[k][1]]) for k in c] for i, n in enumerate(x)]
+        out.append(md_table([f"labelled {unit}", *[f"{k}: {metric}" for k in c]], rows))
+    if needed:
+        reached, total = needed["uncertainty_labels_to_reach"], needed["random_labels"]
+        outcome = "**never** within the budget"
+        if reached is not None:
+            outcome = f"**{reached}** labelled {unit} ({reached / total:.0%} of random's labels)"
+        out += [
+            "",
+            f"Random's final mean Dice ({total} labelled {unit}): {needed['random_final_mean_dice']:.3f}. Uncertainty "
+            f"sampling reaches it (mean curve) with {outcome}; per seed: {needed['per_seed']} (None = not reached).",
+        ]
+    return out
+
+
 def render_markdown(record: dict) -> str:
     """The active-learning section of docs/benchmarks.md."""
     s = record["settings"]
-    c = curves(record)
-    needed = labels_needed(record)
     out = [
         "## 3. Active learning (simulation)",
         "",
@@ -329,21 +350,7 @@ def render_markdown(record: dict) -> str:
         + (", random weights." if not s["checkpoint"] else f" from {s['checkpoint']}."),
         "",
     ]
-    if c:
-        x = c[next(iter(c))][0]
-        rows = []
-        for i, n in enumerate(x):
-            rows.append([n] + [fmt_ms([ys[i] for ys in c[k][1]]) for k in c])
-        out.append(md_table(["labelled studies", *[f"{k}: test Dice" for k in c]], rows))
-    if needed:
-        reached = needed["uncertainty_labels_to_reach"]
-        out += [
-            "",
-            f"Random strategy's final mean Dice ({needed['random_labels']} labelled studies): "
-            f"{needed['random_final_mean_dice']:.3f}. Uncertainty sampling reaches it (mean curve) with "
-            + (f"**{reached}** labelled studies" if reached is not None else "**never** within the budget")
-            + f"; per seed: {needed['per_seed']} (None = not reached).",
-        ]
+    out += results_lines(record, unit="studies", metric="test Dice")
     out += ["", "![active learning](active_learning.png)", ""]
     return "\n".join(out)
 

@@ -258,7 +258,6 @@ def test_new_encoder_state_invalidates_the_cache(runtime, phantom):
 
 def _patch_decoding(monkeypatch, decode) -> None:
     """Every decoder call of the prompt path answers with `decode`'s logits (their stability as the confidence)."""
-    monkeypatch.setattr(interactive, "decode_slice_prompt", decode)
 
     def with_confidence(model, embedding, prompt, letterbox):
         logits = decode(model, embedding, prompt, letterbox)
@@ -312,7 +311,6 @@ def test_a_click_alone_spreads_only_from_a_mask_the_model_is_sure_of(runtime, ph
     def organ_logits(model, embedding, prompt, letterbox):
         return np.where(organ[:, :, runtime.slice_of[id(embedding)]], 8.0, -8.0)
 
-    monkeypatch.setattr(interactive, "decode_slice_prompt", organ_logits)
     boxed = _box_params(organ, "liver", k=k)
     for params, confidence, spreads in ((clicked, 0.5, False), (clicked, 0.95, True), (boxed, 0.5, True)):
         monkeypatch.setattr(interactive, "decode_with_confidence", lambda *a, c=confidence: (organ_logits(*a), c))
