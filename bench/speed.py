@@ -121,7 +121,14 @@ def bench_prompts(runtime: ModelRuntime, path: str, box_slices: int) -> dict:
     calls = runtime.encoder_calls
     row["box3d_cold_s"] = timed(lambda: refine(runtime, path, box))
     row["box3d_slices_encoded"] = runtime.encoder_calls - calls
+    decoded = runtime.decodes.decoded
     row["box3d_repeat_changed_click_s"] = timed(lambda: refine(runtime, path, box_moved))
+    row["box3d_repeat_decodes"] = runtime.decodes.decoded - decoded
+    # the same request with warm embeddings but no decoded masks kept: what the decode cache saves
+    runtime.decodes.clear()
+    decoded = runtime.decodes.decoded
+    row["box3d_changed_click_no_decode_cache_s"] = timed(lambda: refine(runtime, path, box_moved))
+    row["box3d_no_decode_cache_decodes"] = runtime.decodes.decoded - decoded
     row["box_slices"] = k1 - k0 + 1
     row["load1"] = load1()
     return row
@@ -201,10 +208,13 @@ def markdown(record: dict) -> str:
     text += f"Chosen path: {record['chosen_path']['chosen']}.\n\n"
     p = record["prompts"]
     text += md_table(
-        ["click cold s", "click warm s", f"3D box ({p['box_slices']} slices) cold s", "3D box repeated s", "load"],
+        ["click cold s", "click warm s", f"3D box ({p['box_slices']} slices) cold s", "3D box repeated s"]
+        + ["repeated, no decode cache s", "load"],
         [
             [f"{p['click_cold_s']:.2f}", f"{p['click_warm_s']:.3f}", f"{p['box3d_cold_s']:.1f}"]
-            + [f"{p['box3d_repeat_changed_click_s']:.2f}", p["load1"]]
+            + [f"{p['box3d_repeat_changed_click_s']:.2f} ({p['box3d_repeat_decodes']} decodes)"]
+            + [f"{p['box3d_changed_click_no_decode_cache_s']:.2f} ({p['box3d_no_decode_cache_decodes']} decodes)"]
+            + [p["load1"]]
         ],
     )
     a = record["autoseg"]

@@ -20,6 +20,7 @@ from model_helpers import make_everything_non_trivial
 
 import samora.serving.interactive as interactive
 from samora.data import PHANTOM_LABELS
+from samora.serving.decode_cache import SliceMask
 from samora.serving.interactive import Prompt, PromptError, check_inside, parse_prompt, refine, slice_prompts
 from samora.serving.runtime import ModelRuntime
 from samora.serving.settings import AppSettings
@@ -218,7 +219,7 @@ def test_second_identical_request_encodes_nothing(runtime, phantom):
     assert params["slice"] in info1["slices"]
     second, info2, encoded2, requested2 = _run(runtime, phantom["path"], params)
     assert encoded2 == 0
-    assert set(requested2) == set(requested1)
+    assert requested2 == []  # every slice's mask came from the decode cache: no embedding even looked up
     np.testing.assert_array_equal(first, second)
     assert info1 == info2
 
@@ -231,6 +232,36 @@ def test_swapped_corners_hit_the_cache_and_give_the_same_mask(runtime, phantom):
     second, _, encoded, _ = _run(runtime, phantom["path"], swapped)
     assert encoded == 0
     np.testing.assert_array_equal(first, second)
+
+
+def test_a_box_repeated_with_a_click_redecodes_only_what_changed_and_answers_as_an_empty_cache(
+    runtime, phantom, monkeypatch
+):
+    """With a decoder that answers the true organ on every slice, the 3D box again with one click added re-decodes
+    the clicked slice only: every propagated slice's box is the first request's again. The mask equals what the
+    same request gets from an empty decode cache."""
+    organ = phantom["truth"] == PHANTOM_LABELS["liver"]
+    _patch_decoding(monkeypatch, lambda model, embedding, prompt, letterbox: organ_logits(runtime, organ, embedding))
+    lo, hi = _bbox(organ)
+    boxed = _box_params(organ, "liver", z_range=(int(lo[2]), int(hi[2])))
+    del boxed["slice"]  # a plain 3D ROI: the seed is the ROI's most confident slice
+    _, first_info, _, _ = _run(runtime, phantom["path"], boxed)
+    first_decodes = runtime.decodes.decoded
+    k = first_info["slices"][len(first_info["slices"]) // 3]
+    click = np.argwhere(organ[:, :, k])[0]
+    clicked = {**boxed, "foreground": [[int(click[0]), int(click[1]), k]]}
+    mask, info, encoded, _ = _run(runtime, phantom["path"], clicked)
+    assert encoded == 0 and info["slices"] == first_info["slices"]
+    assert runtime.decodes.decoded - first_decodes == 1  # the clicked slice's new prompt
+    runtime.decodes.clear()
+    uncached, uncached_info, _, _ = _run(runtime, phantom["path"], clicked)
+    np.testing.assert_array_equal(mask, uncached)
+    assert info == uncached_info
+
+
+def organ_logits(runtime, organ: np.ndarray, embedding) -> np.ndarray:
+    """Crisp logits of the organ on the slice that `embedding` belongs to (the runtime fixture records it)."""
+    return np.where(organ[:, :, runtime.slice_of[id(embedding)]], 8.0, -8.0)
 
 
 def test_out_of_volume_prompt_fails_before_encoding(runtime, phantom):
@@ -261,9 +292,10 @@ def _patch_decoding(monkeypatch, decode) -> None:
 
     def with_confidence(model, embedding, prompt, letterbox):
         logits = decode(model, embedding, prompt, letterbox)
-        return logits, interactive.mask_stability(logits)
+        stability = interactive.mask_stability(logits)
+        return SliceMask(logits > 0, stability, stability)
 
-    monkeypatch.setattr(interactive, "decode_with_confidence", with_confidence)
+    monkeypatch.setattr(interactive, "decode_mask", with_confidence)
 
 
 def test_propagation_slices_are_cached(runtime, phantom, monkeypatch):
@@ -273,10 +305,7 @@ def test_propagation_slices_are_cached(runtime, phantom, monkeypatch):
     truth = phantom["truth"]
     organ = truth == PHANTOM_LABELS["liver"]
 
-    def oracle(model, embedding, prompt, hw):
-        return np.where(organ[:, :, runtime.slice_of[id(embedding)]], 8.0, -8.0)  # crisp logits
-
-    _patch_decoding(monkeypatch, oracle)
+    _patch_decoding(monkeypatch, lambda model, embedding, prompt, letterbox: organ_logits(runtime, organ, embedding))
     lo, hi = _bbox(organ)
     k = int((lo[2] + hi[2]) // 2)
     params = _box_params(organ, "liver", k=k, z_range=(int(lo[2]) + 1, int(hi[2]) - 1))
@@ -308,12 +337,16 @@ def test_a_click_alone_spreads_only_from_a_mask_the_model_is_sure_of(runtime, ph
     click = np.argwhere(organ[:, :, k])[0]
     clicked = {"label": "liver", "foreground": [[int(click[0]), int(click[1]), k]], "background": [], "roi": []}
 
-    def organ_logits(model, embedding, prompt, letterbox):
-        return np.where(organ[:, :, runtime.slice_of[id(embedding)]], 8.0, -8.0)
-
     boxed = _box_params(organ, "liver", k=k)
+
+    def decoding_at(confidence: float):
+        return lambda model, embedding, prompt, letterbox: SliceMask(
+            organ_logits(runtime, organ, embedding) > 0, 1.0, confidence
+        )
+
     for params, confidence, spreads in ((clicked, 0.5, False), (clicked, 0.95, True), (boxed, 0.5, True)):
-        monkeypatch.setattr(interactive, "decode_with_confidence", lambda *a, c=confidence: (organ_logits(*a), c))
+        monkeypatch.setattr(interactive, "decode_mask", decoding_at(confidence))
+        runtime.decodes.clear()  # another decoder: the masks of the last one must not answer
         mask, info, _, _ = _run(runtime, phantom["path"], params)
         assert (len(info["slices"]) > 1) is spreads, (params, confidence, info["slices"])
         assert info["not_propagated"] == ([] if spreads else [k])
@@ -441,8 +474,17 @@ class _ConfidenceModel:
 
 
 class _EmbeddingRuntime:
+    """Slice k's embedding is filled with k; no decode cache."""
+
     def slice_embedding(self, path: str, k: int) -> torch.Tensor:
         return torch.full((1, 4, 2, 2), float(k))
+
+    def cached_decode(self, path: str, k: int, model, key: bytes, decode):
+        return decode()
+
+
+def _decoder(model, letterbox) -> interactive.SliceDecoder:
+    return interactive.SliceDecoder(_EmbeddingRuntime(), "x", model, letterbox)
 
 
 def test_roi_seed_is_the_most_confident_slice_of_the_middle_half():
@@ -450,10 +492,10 @@ def test_roi_seed_is_the_most_confident_slice_of_the_middle_half():
     box = interactive.SlicePrompt(np.zeros((0, 2), np.float32), np.zeros(0, np.float32), np.array([2, 2, 12, 12]))
     confidence = {k: 0.5 for k in range(40)}
     confidence[22], confidence[11] = 0.9, 0.99  # 11 lies outside the middle half of 10..30 (15..25)
-    model, runtime = _ConfidenceModel(confidence), _EmbeddingRuntime()
-    assert interactive.roi_seed_slice(model, runtime, "x", letterbox, box, 10, 30) == 22
+    decoder = _decoder(_ConfidenceModel(confidence), letterbox)
+    assert interactive.roi_seed_slice(decoder, box, 10, 30) == 22
     confidence[16] = 0.95
-    assert interactive.roi_seed_slice(model, runtime, "x", letterbox, box, 10, 30) == 16
+    assert interactive.roi_seed_slice(decoder, box, 10, 30) == 16
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,8 +524,7 @@ def _propagate(model: _MarginModel) -> int:
     letterbox = interactive.slice_letterbox((16, 16, 8), 2, 16)
     previous = np.zeros((16, 16), bool)
     previous[6:10, 6:10] = True
-    logits = interactive.propagated_logits(model, torch.zeros(1, 4, 2, 2), previous, letterbox, None)
-    return int((logits > 0).sum())
+    return int(interactive.propagated_mask(_decoder(model, letterbox), 3, previous, None).mask.sum())
 
 
 def test_a_confident_propagated_mask_costs_one_decoder_pass():

@@ -9,6 +9,7 @@ import torch
 from segment_anything.utils.amg import calculate_stability_score
 
 from samora.data import Letterbox
+from samora.serving.decode_cache import SliceMask
 
 STABILITY_OFFSET = 1.0  # logit offset of SAM's stability score (as in its automatic mask generator)
 # A 2D box propagates unbounded, so this threshold decides where it stops. LiteMedSAM zero-shot, 2D truth box on the
@@ -215,42 +216,58 @@ def _decode(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Lett
     return letterbox.back(logits)[0, 0].float().cpu().numpy(), out
 
 
-def decode_with_confidence(
-    model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox
-) -> tuple[np.ndarray, float]:
-    """decode_slice_prompt's logits, and how sure the model is of that mask: its predicted IoU x its stability."""
+def decode_mask(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox) -> SliceMask:
+    """decode_slice_prompt's mask, its stability, and how sure the model is of it: predicted IoU x stability."""
     logits, out = _decode(model, embedding, prompt, letterbox)
-    return logits, float(out["iou"][0, 0]) * mask_stability(logits)
+    stability = mask_stability(logits)
+    return SliceMask(logits > 0, stability, float(out["iou"][0, 0]) * stability)
 
 
-def propagated_logits(
-    model, embedding: torch.Tensor, previous: np.ndarray, letterbox: Letterbox, within: np.ndarray | None
-) -> np.ndarray:
-    """The next slice's mask logits from the previous mask's box plus PROPAGATION_MARGIN_PX, or, where the model is
-    unsure of that mask, from whichever of the ALTERNATIVE_MARGINS_PX it is most confident of."""
+def prompt_key(prompt: SlicePrompt) -> bytes:
+    """The bytes that identify a slice prompt (its clicks, their labels, its box) in the decode cache."""
+    box = b"" if prompt.box is None else np.asarray(prompt.box, np.float32).tobytes()
+    clicks = np.asarray(prompt.coords, np.float32).tobytes() + np.asarray(prompt.labels, np.float32).tobytes()
+    return clicks + b"|" + box
 
-    def attempt(margin: float) -> tuple[np.ndarray, float]:
-        return decode_with_confidence(model, embedding, mask_to_prompt(previous, letterbox, margin, within), letterbox)
+
+@dataclass
+class SliceDecoder:
+    """One request's prompt decoder over one volume's slices: embeddings come from the runtime's shared cache, and
+    each (slice, prompt) is decoded once per model (runtime.cached_decode), so a prompt repeated with a changed click
+    re-decodes only the slices whose propagated box changed."""
+
+    runtime: object
+    path: str
+    model: object
+    letterbox: Letterbox
+
+    def __call__(self, k: int, prompt: SlicePrompt) -> SliceMask:
+        def decode() -> SliceMask:
+            return decode_mask(self.model, self.runtime.slice_embedding(self.path, k), prompt, self.letterbox)
+
+        return self.runtime.cached_decode(self.path, k, self.model, prompt_key(prompt), decode)
+
+
+def propagated_mask(decoder: SliceDecoder, z: int, previous: np.ndarray, within: np.ndarray | None) -> SliceMask:
+    """Slice z's mask from the previous mask's box plus PROPAGATION_MARGIN_PX, or, where the model is unsure of that
+    mask, from whichever of the ALTERNATIVE_MARGINS_PX it is most confident of."""
+
+    def attempt(margin: float) -> SliceMask:
+        return decoder(z, mask_to_prompt(previous, decoder.letterbox, margin, within))
 
     best = attempt(PROPAGATION_MARGIN_PX)
-    if best[1] < RETRY_BELOW_CONFIDENCE:
-        best = max([best, *map(attempt, ALTERNATIVE_MARGINS_PX)], key=lambda tried: tried[1])
-    return best[0]
+    if best.confidence < RETRY_BELOW_CONFIDENCE:
+        best = max([best, *map(attempt, ALTERNATIVE_MARGINS_PX)], key=lambda tried: tried.confidence)
+    return best
 
 
-def roi_seed_slice(
-    model, runtime, path: str, letterbox: Letterbox, box_prompt: SlicePrompt, z_lo: int, z_hi: int
-) -> int:
+def roi_seed_slice(decoder: SliceDecoder, box_prompt: SlicePrompt, z_lo: int, z_hi: int) -> int:
     """The slice of a 3D ROI's middle half where its box gives the model's most confident mask (predicted IoU x
     stability). The ROI's box is the union of the organ's cross-sections, so on most slices it is loose and the mask
     takes in neighbours that propagation then carries on; where the organ fills the box the model says so."""
     quarter = (z_hi - z_lo) // 4
     candidates = range(z_lo + quarter, z_hi - quarter + 1)
-
-    def seed_confidence(k: int) -> float:
-        return decode_with_confidence(model, runtime.slice_embedding(path, k), box_prompt, letterbox)[1]
-
-    return max(candidates, key=seed_confidence)
+    return max(candidates, key=lambda k: decoder(k, box_prompt).confidence)
 
 
 def propagation_threshold(min_stability: float, within_roi: bool) -> float:
@@ -286,6 +303,7 @@ def refine(
     seeds = slice_prompts(prompt, axis, volume.shape, model.config.image_size, volume.affine)
     z_lo, z_hi, within = propagation_limits(prompt, axis, volume.shape[axis], letterbox)
     threshold = propagation_threshold(min_stability, within is not None)
+    decoder = SliceDecoder(runtime, path, model, letterbox)
     done: set[int] = set()
 
     def put(k: int, mask: np.ndarray) -> None:
@@ -295,8 +313,8 @@ def refine(
 
     if within is not None and not prompt.foreground and not prompt.background and prompt.slice is None:
         (box_prompt,) = seeds.values()
-        seeds = {roi_seed_slice(model, runtime, path, letterbox, box_prompt, z_lo, z_hi): box_prompt}
-    seed_masks, sure = decode_seeds(model, runtime, path, letterbox, seeds)
+        seeds = {roi_seed_slice(decoder, box_prompt, z_lo, z_hi): box_prompt}
+    seed_masks, sure = decode_seeds(decoder, seeds)
     for k, mask in seed_masks.items():
         put(k, mask)
         done.add(k)
@@ -307,12 +325,12 @@ def refine(
             for _ in range(max_propagation):
                 if z < z_lo or z > z_hi or z in done or previous.sum() < min_pixels:
                     break
-                logits = propagated_logits(model, runtime.slice_embedding(path, z), previous, letterbox, within)
-                mask = logits > 0
+                decoded = propagated_mask(decoder, z, previous, within)
+                mask = decoded.mask
                 # stop when the structure vanishes or jumps (little overlap with the previous slice), or when the
                 # mask is unstable: past an organ's end a box prompt still yields a mask, but a hesitant one
                 overlap = np.logical_and(mask, previous).sum() / max(previous.sum(), 1)
-                if mask.sum() < min_pixels or overlap < 0.2 or mask_stability(logits) < threshold:
+                if mask.sum() < min_pixels or overlap < 0.2 or decoded.stability < threshold:
                     break
                 put(z, mask)
                 done.add(z)
@@ -322,16 +340,14 @@ def refine(
     return out, {"model_version": version, "slices": sorted(done), "label": prompt.label, "not_propagated": unsure}
 
 
-def decode_seeds(
-    model, runtime, path: str, letterbox: Letterbox, seeds: dict[int, SlicePrompt]
-) -> tuple[dict[int, np.ndarray], list[int]]:
+def decode_seeds(decoder: SliceDecoder, seeds: dict[int, SlicePrompt]) -> tuple[dict[int, np.ndarray], list[int]]:
     """Each prompted slice's mask, and the slices to propagate from: those with a box, and click-only ones whose
     mask the model is sure of (PROPAGATE_CLICKS_FROM_CONFIDENCE)."""
     masks, sure = {}, []
     for k, sp in sorted(seeds.items()):
-        logits, confidence = decode_with_confidence(model, runtime.slice_embedding(path, k), sp, letterbox)
-        masks[k] = logits > 0
-        if sp.box is not None or confidence >= PROPAGATE_CLICKS_FROM_CONFIDENCE:
+        decoded = decoder(k, sp)
+        masks[k] = decoded.mask
+        if sp.box is not None or decoded.confidence >= PROPAGATE_CLICKS_FROM_CONFIDENCE:
             sure.append(k)
     return masks, sure
 

@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from samora.engine.encoder_path import select as select_encoder_path
 from samora.engine.inference import normalised_volume
 from samora.engine.store import ModelStore
 from samora.model import SamoraModel
+from samora.serving.decode_cache import DecodeCache, SliceMask
 from samora.serving.embedding_cache import EmbeddingCache
 from samora.serving.prefetch import Prefetcher
 from samora.serving.settings import AppSettings
@@ -43,6 +45,7 @@ class ModelRuntime:
         self._experts_stamp: float | None = None
         # slice embeddings of every task in this process (prompts, auto-segmentation, scoring), fp16, byte budget
         self.embeddings = EmbeddingCache(int(settings.embedding_memory_mb * 2**20))
+        self.decodes = DecodeCache()  # prompt masks per (slice, prompt) of the served model
         self.prefetcher = Prefetcher(self.slice_embedding, self.is_cached, name=PREFETCH_THREAD)
         self._fingerprint: tuple[SamoraModel, str] | None = None
         self._volumes: OrderedDict[str, tuple[float, Volume, np.ndarray]] = OrderedDict()
@@ -165,6 +168,13 @@ class ModelRuntime:
         """Image embedding (1, C, h, w) of one axial slice, from the cache shared by every task of the server."""
         with self.prefetcher.foreground() if threading.current_thread().name != PREFETCH_THREAD else _nothing():
             return self.cached_embedding(self.slice_input(path, index))
+
+    def cached_decode(
+        self, path: str, index: int, model: SamoraModel, prompt_key: bytes, decode: Callable[[], SliceMask]
+    ) -> SliceMask:
+        """decode() of a prompt on slice `index` of `path`, once per (file version, slice, prompt) and model."""
+        key = (path, Path(path).stat().st_mtime_ns, int(index), prompt_key)
+        return self.decodes.get_or_compute(model, key, decode)
 
     def is_cached(self, path: str, index: int) -> bool:
         """Whether slice `index` of `path` is cached or being encoded."""
