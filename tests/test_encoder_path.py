@@ -83,3 +83,22 @@ def test_embedding_store_keeps_each_path_in_its_own_folder(model, tmp_path):
     images = torch.rand(2, 3, 64, 64).numpy()
     a, b = fp32.embed(model, images), bf16.embed(model, images)
     assert a.shape == b.shape and not (a == b).all()  # bf16 embeddings never stand in for fp32 ones
+
+
+def test_the_onnx_path_gives_fp32_embeddings_for_any_batch(model):
+    x = torch.rand(3, 3, 64, 64)
+    reference = model.encode(x).detach()
+    exported = PathEncoder(model, PATHS["onnx"])
+    out = exported(x)
+    assert exported.onnx is not None and out.dtype == torch.float32 and out.shape == reference.shape
+    assert float((out - reference).norm() / reference.norm()) < encoder_path.EXACT  # the same encoder, exported
+    torch.testing.assert_close(exported(x[:1]), out[:1], rtol=1e-4, atol=1e-5)  # batch size is not baked in
+
+
+def test_the_onnx_path_says_what_it_needs_where_it_cannot_run(model, monkeypatch):
+    with pytest.raises(ValueError, match="runs on the CPU only"):
+        PathEncoder(model, PATHS["onnx"], "meta")
+    monkeypatch.setattr(encoder_path.onnx_encoder, "available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs the onnx and onnxruntime packages"):
+        PathEncoder(model, PATHS["onnx"])
+    assert "onnx" not in encoder_path.candidates("cpu")

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from samora.engine import onnx_encoder
 from samora.model import SamoraModel
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,14 @@ LOSSY_MARGIN = 0.9  # a lossy path is kept only if it takes under 90% of the bes
 
 @dataclass(frozen=True)
 class EncoderPath:
-    """One way to run the encoder: autocast dtype (None = fp32), BN folded, channels-last activations."""
+    """One way to run the encoder: autocast dtype (None = fp32), BN folded, channels-last activations, and the
+    engine that runs it (torch, or the exported graph in ONNX Runtime)."""
 
     name: str
     dtype: torch.dtype | None = None
     fused: bool = False
     channels_last: bool = False
+    engine: str = "torch"
 
 
 PATHS: dict[str, EncoderPath] = {
@@ -47,6 +50,7 @@ PATHS: dict[str, EncoderPath] = {
         EncoderPath("bf16", torch.bfloat16, fused=True),
         EncoderPath("bf16-cl", torch.bfloat16, fused=True, channels_last=True),
         EncoderPath("fp16", torch.float16, fused=True),
+        EncoderPath("onnx", fused=True, engine="onnxruntime"),
     )
 }
 CHOICES = ("auto", *PATHS)
@@ -64,7 +68,12 @@ def candidates(device: str | torch.device) -> list[str]:
     """Paths worth probing on this device, fp32 first (the reference)."""
     if torch.device(device).type == "cuda":
         return ["fp32", "fp32-fused", "bf16", "fp16"]
-    return ["fp32", "fp32-fused", *(["bf16", "bf16-cl"] if cpu_supports_bf16() else [])]
+    return [
+        "fp32",
+        "fp32-fused",
+        *(["bf16", "bf16-cl"] if cpu_supports_bf16() else []),
+        *(["onnx"] if onnx_encoder.available() else []),
+    ]
 
 
 def fold_batch_norms(module: nn.Module) -> int:
@@ -92,6 +101,14 @@ class PathEncoder:
             if path.channels_last:
                 encoder = encoder.to(memory_format=torch.channels_last)
         self.encoder = encoder
+        self.onnx = self._exported(model, path) if path.engine == "onnxruntime" else None
+
+    def _exported(self, model: SamoraModel, path: EncoderPath) -> onnx_encoder.OnnxEncoder:
+        if self.device.type != "cpu":
+            raise ValueError(f"encoder path {path.name!r} runs on the CPU only, not on {self.device}")
+        if not onnx_encoder.available():
+            raise RuntimeError(f"encoder path {path.name!r} needs the onnx and onnxruntime packages")
+        return onnx_encoder.OnnxEncoder(type(model.backbone), self.encoder, model.config.image_size)
 
     def _autocast(self):
         if self.path.dtype is None:
@@ -103,6 +120,8 @@ class PathEncoder:
         size = self.model.config.image_size
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != size:
             raise ValueError(f"expected images (B, 3, {size}, {size}), got {tuple(images.shape)}")
+        if self.onnx is not None:
+            return self.onnx(images).contiguous()
         if self.path.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
@@ -152,10 +171,15 @@ def probe(
         if name == "fp32":
             continue
         try:
-            seconds, out = _time(PathEncoder(model, PATHS[name], device), images, repeats)
+            start = time.perf_counter()
+            encoder = PathEncoder(model, PATHS[name], device)
+            prepare_seconds = time.perf_counter() - start  # the BN fold, or the ONNX export
+            seconds, out = _time(encoder, images, repeats)
             error = float((out - reference).norm() / reference.norm().clamp_min(1e-12))
             ok = bool(torch.isfinite(out).all()) and error <= TOLERANCE
-            rows.append({"path": name, "s_per_slice": seconds, "relative_error": error, "ok": ok})
+            rows.append(
+                {"path": name, "s_per_slice": seconds, "relative_error": error, "ok": ok, "prepare_s": prepare_seconds}
+            )
         except RuntimeError as e:  # a kernel missing for this dtype on this device
             rows.append({"path": name, "s_per_slice": None, "relative_error": None, "ok": False, "error": str(e)})
     passing = [r for r in rows if r["ok"]]
