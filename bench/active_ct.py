@@ -24,15 +24,15 @@ from typing import Any
 
 import active_learning
 import numpy as np
-from cli import add_common_args, preset_for
+from cli import add_common_args, preset_for, with_overrides
 from fewshot import load_case, score, segment_test_slabs, slab_volume, split_slabs, test_embeddings, window_for
-from jobs import Job, JobJournal, peak_rss_mb, reset_peak_rss, run_jobs
+from jobs import Job, open_journal, peak_rss_mb, reset_peak_rss, run_jobs
 from methods import METHODS, build_model, finetune_config
 from paths import DATA
 from plots import plot_lines
 from records import run_header, write_json
 from report import PSEUDO_LABEL_NOTE, RANDOM_BACKBONE_NOTE, header_lines
-from ssl_runs import SSLSpec, build_ssl_cache, run_ssl_job, spec_dict, ssl_dir, ssl_studies
+from ssl_runs import SSLSpec, build_ssl_cache, spec_dict, ssl_dir, ssl_job, ssl_spec_for
 
 METHOD = "samora_cached"
 STRATEGIES = active_learning.STRATEGIES
@@ -165,63 +165,15 @@ def study_entropy(model: Any, case: Any, study: Sequence[int], embeddings: Any, 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The SSL experts (reused from bench/fewshot.py when it trained them) and every trajectory."""
     wall = time.perf_counter()
-    settings: dict[str, Any] = dict(QUICK if args.quick else DEFAULTS)
-    for key in ("seeds", "steps", "max_labeled"):
-        if getattr(args, key, None) is not None:
-            settings[key] = getattr(args, key)
+    settings = with_overrides(QUICK if args.quick else DEFAULTS, args, ("seeds", "steps", "max_labeled"))
     # real weights by default (the question is about them); the quick smoke run stays on the tiny random backbone
     preset = preset_for(args.checkpoint, args.preset or (None if args.quick else "litemedsam"))
     work, data = Path(args.work), str(Path(args.data))
-    case = load_case(data, window_for(preset))
-    pool = pool_studies(split_slabs(case.labels.shape[case.axis]).train)
-    if len(pool) <= settings["max_labeled"]:
-        raise SystemExit(f"--max-labeled must be below the pool size ({len(pool)} pseudo-studies)")
-    spec = SSLSpec(
-        preset=preset,
-        image_size=settings["image_size"],
-        steps=settings["ssl_steps"],
-        batch_size=settings["ssl_batch_size"],
-        checkpoint=args.checkpoint,
-        studies=tuple(str(p) for p in ssl_studies(Path(data))),
-        window_hu=window_for(preset),
-    )
+    pool = checked_pool(data, preset=preset, max_labeled=settings["max_labeled"])
+    spec = ssl_spec_for(settings, preset=preset, checkpoint=args.checkpoint, data=data, window_hu=window_for(preset))
     build_ssl_cache(work, spec)
-    experts_seed = settings["experts_seed"]
-    job_settings = {
-        **settings,
-        "data": data,
-        "window_hu": list(window_for(preset)),
-        "embedding_dir": str(work / "embeddings"),
-        "device": args.device,
-        "preset": preset,
-        "checkpoint": args.checkpoint,
-        "experts": str(ssl_dir(work, spec, experts_seed)),
-    }
-    jobs = [Job("ssl", run_ssl_job, {"work": str(work), "spec": spec_dict(spec), "seed": experts_seed}, cost=1e6)]
-    for seed in settings["seeds"]:
-        for strategy in STRATEGIES:
-            jobs.append(
-                Job(
-                    f"{strategy}/{seed}",
-                    run_trajectory,
-                    {"seed": seed, "strategy": strategy, "settings": job_settings},
-                    after=("ssl",),
-                )
-            )
-    # finished trajectories are journalled beside the results: an interrupted run (or a clone) resumes from them
-    recipe = {k: v for k, v in job_settings.items() if k not in ("seeds", "data", "embedding_dir", "experts")}
-    journal = JobJournal(Path(args.out) / "results" / "active_ct_jobs.jsonl", recipe)
-    if args.fresh:
-        journal.clear()
-    done = {k: v for k, v in journal.finished().items() if k in {j.key for j in jobs}}
-    print(f"active learning on CT: {len(jobs)} jobs ({len(done)} journalled) on {args.workers} workers x "
-          f"{args.threads} thread(s)", flush=True)  # fmt: skip
-
-    def on_result(job: Job, result: dict) -> None:
-        active_learning.report_progress(job, result)
-        journal.record(job.key, result)
-
-    results = run_jobs(jobs, args.workers, args.threads, on_result, done=done)
+    job_settings = trajectory_settings(args, settings=settings, preset=preset, spec=spec)
+    results = run_journalled(args, jobs=active_ct_jobs(work, spec, job_settings), job_settings=job_settings)
     return {
         **run_header("active_ct", args),
         "settings": {
@@ -236,6 +188,58 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "trajectories": sorted((r for k, r in results.items() if k != "ssl"), key=lambda r: (r["strategy"], r["seed"])),
         "wall_s": time.perf_counter() - wall,
     }
+
+
+def checked_pool(data: str, *, preset: str, max_labeled: int) -> list[tuple[int, ...]]:
+    """The pseudo-studies of the CT's training slices; refused unless more than `max_labeled` of them."""
+    case = load_case(data, window_for(preset))
+    pool = pool_studies(split_slabs(case.labels.shape[case.axis]).train)
+    if len(pool) <= max_labeled:
+        raise SystemExit(f"--max-labeled must be below the pool size ({len(pool)} pseudo-studies)")
+    return pool
+
+
+def trajectory_settings(
+    args: argparse.Namespace, *, settings: dict[str, Any], preset: str, spec: SSLSpec
+) -> dict[str, Any]:
+    """What every trajectory job reads: the run's settings, where the data and embeddings lie, the experts' seed."""
+    work = Path(args.work)
+    return {
+        **settings,
+        "data": str(Path(args.data)),
+        "window_hu": list(window_for(preset)),
+        "embedding_dir": str(work / "embeddings"),
+        "device": args.device,
+        "preset": preset,
+        "checkpoint": args.checkpoint,
+        "experts": str(ssl_dir(work, spec, settings["experts_seed"])),
+    }
+
+
+def active_ct_jobs(work: Path, spec: SSLSpec, job_settings: dict[str, Any]) -> list[Job]:
+    """The SSL job (one seed's experts serve every trajectory), then one trajectory per seed and strategy."""
+    jobs = [ssl_job(key="ssl", work=work, spec=spec, seed=job_settings["experts_seed"])]
+    for seed in job_settings["seeds"]:
+        for strategy in STRATEGIES:
+            kwargs = {"seed": seed, "strategy": strategy, "settings": job_settings}
+            jobs.append(Job(key=f"{strategy}/{seed}", fn=run_trajectory, kwargs=kwargs, after=("ssl",)))
+    return jobs
+
+
+def run_journalled(args: argparse.Namespace, *, jobs: list[Job], job_settings: dict[str, Any]) -> dict[str, dict]:
+    """Run the jobs the journal does not hold yet, journalling each result; returns every job's result."""
+    # finished trajectories are journalled beside the results: an interrupted run (or a clone) resumes from them
+    recipe = {k: v for k, v in job_settings.items() if k not in ("seeds", "data", "embedding_dir", "experts")}
+    journal_path = Path(args.out) / "results" / "active_ct_jobs.jsonl"
+    journal, done = open_journal(path=journal_path, settings=recipe, jobs=jobs, fresh=args.fresh)
+    print(f"active learning on CT: {len(jobs)} jobs ({len(done)} journalled) on {args.workers} workers x "
+          f"{args.threads} thread(s)", flush=True)  # fmt: skip
+
+    def on_result(job: Job, result: dict) -> None:
+        active_learning.report_progress(job, result)
+        journal.record(job.key, result)
+
+    return run_jobs(jobs, workers=args.workers, threads=args.threads, on_result=on_result, done=done)
 
 
 def plot(record: dict, out: Path) -> Path:

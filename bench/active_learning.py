@@ -19,17 +19,18 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from cli import add_common_args, preset_for
+from cli import add_common_args, preset_for, with_overrides
 from jobs import Job, run_jobs
 from methods import METHODS, build_model, finetune_config
 from paths import DATA
 from plots import plot_lines
 from records import run_header, write_json
 from report import RANDOM_BACKBONE_NOTE, fmt_ms, header_lines, md_table
-from ssl_runs import SSLSpec, build_ssl_cache, run_ssl_job, spec_dict, ssl_dir, ssl_studies
+from ssl_runs import SSLSpec, build_ssl_cache, spec_dict, ssl_dir, ssl_job, ssl_spec_for
 from stats import mean_std
 
 METHOD = "samora_ft"
@@ -95,20 +96,12 @@ def make_phantoms(work: Path, settings: dict[str, Any]) -> Path:
 
 def run_trajectory(seed: int, strategy: str, settings: dict[str, Any]) -> dict[str, Any]:
     """One strategy, one seed: rounds of train -> score test -> acquire one study."""
-    from samora.data import PHANTOM_LABELS, IntensityWindow, Volume, normalise
-    from samora.engine.inference import segment_volume
-    from samora.engine.train import concat_slices, finetune, slices_from_arrays
-    from samora.metrics import mean_dice
+    from samora.engine.train import finetune
 
     start = time.perf_counter()
-    data = np.load(settings["phantoms"])
-    images, labels, affines = data["images"], data["labels"], data["affines"]
-    pool, n_test = settings["pool"], settings["test"]
-    window = IntensityWindow.ct_abdomen()
-    scaled = [normalise(images[i], window) for i in range(pool)]
-    volumes = [Volume(images[i].astype(np.float32), affines[i], f"phantom_{i}", "CT") for i in range(len(images))]
-    size = settings["image_size"]
-    labeled = [int(np.random.default_rng([seed, 42]).integers(pool))]  # the same first study for both strategies
+    phantoms = load_phantoms(settings)
+    # the same first study for both strategies
+    labeled = [int(np.random.default_rng([seed, 42]).integers(phantoms.pool))]
     pick_rng = np.random.default_rng([seed, 43])
     rounds = []
     model = None
@@ -116,29 +109,8 @@ def run_trajectory(seed: int, strategy: str, settings: dict[str, Any]) -> dict[s
         # Warm start (default) continues from the previous round's model, as the app's trainer fine-tunes the served
         # version; cold start rebuilds it, which made every round's Dice depend on one short run from scratch.
         if model is None or not settings.get("warm_start", True):
-            model = build_model(
-                method=METHODS[METHOD],
-                labels=PHANTOM_LABELS,
-                image_size=size,
-                seed=seed,
-                preset=settings["preset"],
-                checkpoint=settings["checkpoint"],
-                experts_dir=settings["experts"],
-            )
-        parts = [
-            slices_from_arrays(
-                volume01=scaled[i],
-                labels=labels[i],
-                axis=2,
-                size=size,
-                context="single",
-                case_id=f"pool_{i}",
-                empty_fraction=0.1,
-                rng=np.random.default_rng([seed, i]),
-            )
-            for i in labeled
-        ]
-        train = concat_slices(parts, size)
+            model = trajectory_model(seed, settings)
+        train = labeled_slices(phantoms, labeled=labeled, seed=seed, size=settings["image_size"])
         config = finetune_config(
             steps=settings["steps"],
             n_slices=len(train),
@@ -147,10 +119,7 @@ def run_trajectory(seed: int, strategy: str, settings: dict[str, Any]) -> dict[s
             seed=seed,
         )
         history = finetune(model, train, config)
-        test_scores = [
-            mean_dice(segment_volume(model, volumes[pool + j], window).labels, labels[pool + j], PHANTOM_LABELS)
-            for j in range(n_test)
-        ]
+        test_scores = score_test_phantoms(model, phantoms, n_test=settings["test"])
         entry: dict[str, Any] = {
             "labeled": len(labeled),
             "studies": [f"pool_{i}" for i in labeled],
@@ -159,68 +128,113 @@ def run_trajectory(seed: int, strategy: str, settings: dict[str, Any]) -> dict[s
             "test_dice_per_study": test_scores,
             "train_seconds": history["total_time"],
         }
-        if len(labeled) >= settings["max_labeled"]:
-            rounds.append(entry)
-            break
-        unlabeled = [i for i in range(pool) if i not in labeled]
-        if strategy == "uncertainty":
-            scores = {i: segment_volume(model, volumes[i], window).mean_entropy for i in unlabeled}
-            pick = max(scores, key=lambda i: scores[i])
-            entry["entropy"] = {f"pool_{i}": s for i, s in scores.items()}
-        else:
-            pick = int(pick_rng.choice(unlabeled))
-        entry["picked"] = f"pool_{pick}"
         rounds.append(entry)
+        if len(labeled) >= settings["max_labeled"]:
+            break
+        pick, entropy = acquire(model, phantoms, strategy=strategy, labeled=labeled, pick_rng=pick_rng)
+        if entropy is not None:
+            entry["entropy"] = entropy
+        entry["picked"] = f"pool_{pick}"
         labeled.append(pick)
     return {"seed": seed, "strategy": strategy, "rounds": rounds, "seconds": time.perf_counter() - start}
+
+
+def load_phantoms(settings: dict[str, Any]) -> SimpleNamespace:
+    """The generated phantoms: the pool size, labels, the pool's images scaled to [0, 1], every phantom as a Volume
+    (the pool's, then the test set's), and the CT window."""
+    from samora.data import IntensityWindow, Volume, normalise
+
+    data = np.load(settings["phantoms"])
+    images, labels, affines = data["images"], data["labels"], data["affines"]
+    window = IntensityWindow.ct_abdomen()
+    return SimpleNamespace(
+        pool=settings["pool"],
+        labels=labels,
+        scaled=[normalise(images[i], window) for i in range(settings["pool"])],
+        volumes=[Volume(images[i].astype(np.float32), affines[i], f"phantom_{i}", "CT") for i in range(len(images))],
+        window=window,
+    )
+
+
+def trajectory_model(seed: int, settings: dict[str, Any]) -> Any:
+    """A fresh model of the benchmark's method on the phantom labels, with the seed's SSL experts."""
+    from samora.data import PHANTOM_LABELS
+
+    return build_model(
+        method=METHODS[METHOD],
+        labels=PHANTOM_LABELS,
+        image_size=settings["image_size"],
+        seed=seed,
+        preset=settings["preset"],
+        checkpoint=settings["checkpoint"],
+        experts_dir=settings["experts"],
+    )
+
+
+def labeled_slices(phantoms: SimpleNamespace, *, labeled: list[int], seed: int, size: int) -> Any:
+    """The axial training slices of the labelled pool studies (10% of the empty ones kept), in one set."""
+    from samora.engine.train import concat_slices, slices_from_arrays
+
+    parts = [
+        slices_from_arrays(
+            volume01=phantoms.scaled[i],
+            labels=phantoms.labels[i],
+            axis=2,
+            size=size,
+            context="single",
+            case_id=f"pool_{i}",
+            empty_fraction=0.1,
+            rng=np.random.default_rng([seed, i]),
+        )
+        for i in labeled
+    ]
+    return concat_slices(parts, size)
+
+
+def score_test_phantoms(model: Any, phantoms: SimpleNamespace, *, n_test: int) -> list[float]:
+    """Mean Dice of the model's segmentation of each of the `n_test` test phantoms (the phantoms after the pool)."""
+    from samora.data import PHANTOM_LABELS
+    from samora.engine.inference import segment_volume
+    from samora.metrics import mean_dice
+
+    pool, window = phantoms.pool, phantoms.window
+    return [
+        mean_dice(
+            segment_volume(model, phantoms.volumes[pool + j], window).labels, phantoms.labels[pool + j], PHANTOM_LABELS
+        )
+        for j in range(n_test)
+    ]
+
+
+def acquire(
+    model: Any, phantoms: SimpleNamespace, *, strategy: str, labeled: list[int], pick_rng: Any
+) -> tuple[int, dict[str, float] | None]:
+    """The pool study to label next: the most uncertain one, with every unlabelled study's mean entropy, or a random
+    one (entropies None)."""
+    from samora.engine.inference import segment_volume
+
+    unlabeled = [i for i in range(phantoms.pool) if i not in labeled]
+    if strategy == "uncertainty":
+        scores = {i: segment_volume(model, phantoms.volumes[i], phantoms.window).mean_entropy for i in unlabeled}
+        return max(scores, key=lambda i: scores[i]), {f"pool_{i}": s for i, s in scores.items()}
+    return int(pick_rng.choice(unlabeled)), None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """SSL experts (reused when bench/fewshot.py already trained them) and all trajectories."""
     wall = time.perf_counter()
-    settings: dict[str, Any] = dict(QUICK if args.quick else DEFAULTS)
-    for key in ("seeds", "steps", "pool", "max_labeled"):
-        if getattr(args, key, None) is not None:
-            settings[key] = getattr(args, key)
-    settings["warm_start"] = not getattr(args, "cold_start", False)
-    if settings["pool"] < settings["max_labeled"]:
-        raise SystemExit("--pool must be at least --max-labeled")
+    settings = run_settings(args)
     preset = preset_for(args.checkpoint, args.preset)
     work = Path(args.work)
-    spec = SSLSpec(
-        preset=preset,
-        image_size=settings["image_size"],
-        steps=settings["ssl_steps"],
-        batch_size=settings["ssl_batch_size"],
-        checkpoint=args.checkpoint,
-        studies=tuple(str(p) for p in ssl_studies(Path(args.data))),
-    )
+    spec = ssl_spec_for(settings, preset=preset, checkpoint=args.checkpoint, data=args.data)
     build_ssl_cache(work, spec)
     phantoms = make_phantoms(work, settings)
-    jobs = [
-        Job(f"ssl/{s}", run_ssl_job, {"work": str(work), "spec": spec_dict(spec), "seed": s}, cost=1e6)
-        for s in settings["seeds"]
-    ]
-    for seed in settings["seeds"]:
-        job_settings = {
-            **settings,
-            "phantoms": str(phantoms),
-            "preset": preset,
-            "checkpoint": args.checkpoint,
-            "experts": str(ssl_dir(work, spec, seed)),
-        }
-        for strategy in STRATEGIES:
-            jobs.append(
-                Job(
-                    f"{strategy}/{seed}",
-                    run_trajectory,
-                    {"seed": seed, "strategy": strategy, "settings": job_settings},
-                    after=(f"ssl/{seed}",),
-                )
-            )
+    jobs = [ssl_job(key=f"ssl/{s}", work=work, spec=spec, seed=s) for s in settings["seeds"]]
+    shared = {**settings, "phantoms": str(phantoms), "preset": preset, "checkpoint": args.checkpoint}
+    jobs += trajectory_jobs(work, spec=spec, shared=shared)
     print(f"active learning: {len(jobs)} jobs on {args.workers} workers x {args.threads} thread(s)", flush=True)
 
-    results = run_jobs(jobs, args.workers, args.threads, report_progress)
+    results = run_jobs(jobs, workers=args.workers, threads=args.threads, on_result=report_progress)
     return {
         **run_header("active_learning", args),
         "settings": {
@@ -240,6 +254,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "wall_s": time.perf_counter() - wall,
     }
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The profile (quick or full) with the command line's overrides and the warm/cold start; a pool smaller than
+    the studies to label is refused."""
+    settings = with_overrides(QUICK if args.quick else DEFAULTS, args, ("seeds", "steps", "pool", "max_labeled"))
+    settings["warm_start"] = not getattr(args, "cold_start", False)
+    if settings["pool"] < settings["max_labeled"]:
+        raise SystemExit("--pool must be at least --max-labeled")
+    return settings
+
+
+def trajectory_jobs(work: Path, *, spec: SSLSpec, shared: dict[str, Any]) -> list[Job]:
+    """One trajectory per seed and strategy, each after its seed's SSL job and with that seed's experts."""
+    jobs = []
+    for seed in shared["seeds"]:
+        job_settings = {**shared, "experts": str(ssl_dir(work, spec, seed))}
+        for strategy in STRATEGIES:
+            kwargs = {"seed": seed, "strategy": strategy, "settings": job_settings}
+            jobs.append(Job(key=f"{strategy}/{seed}", fn=run_trajectory, kwargs=kwargs, after=(f"ssl/{seed}",)))
+    return jobs
 
 
 def report_progress(job: Job, result: dict) -> None:

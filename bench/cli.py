@@ -31,3 +31,13 @@ def add_common_args(parser: Any) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--workers", type=int, default=2, help="parallel worker processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+
+
+def with_overrides(profile: dict[str, Any], args: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of a benchmark's settings `profile` with the command line's value for each of `keys` that was given."""
+    settings = dict(profile)
+    for key in keys:
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    return settings

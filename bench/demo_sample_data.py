@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,118 +120,197 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole job; returns the result record (also on failure, with `error`)."""
-    import nibabel as nib
-    import numpy as np
+class _Clock:
+    """The job's time line: log lines stamped with the seconds since the start, and the duration of each phase."""
 
-    from samora.cli import main as samora_cli
-    from samora.data import PHANTOM_LABELS
-    from samora.metrics import mean_dice, volume_metrics
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.phases: dict[str, float] = {}
 
-    t0 = time.monotonic()
-    started = dt.datetime.now(dt.timezone.utc)
-    temp = args.work is None
-    work = Path(args.work or tempfile.mkdtemp(prefix="samora-demo-")).resolve()
-    if work.is_dir() and any(work.iterdir()):
+    def log(self, msg: str) -> None:
+        """Print `msg` after the seconds since the start."""
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {msg}", flush=True)
+
+    def phase(self, name: str, since: float) -> float:
+        """Record phase `name` as lasting from `since` until now; returns now (the next phase's start)."""
+        now = time.monotonic()
+        self.phases[name] = round(now - since, 1)
+        return now
+
+    def elapsed(self) -> float:
+        """Seconds since the start."""
+        return time.monotonic() - self.t0
+
+
+def _import_job_modules() -> None:
+    """Import what the job uses before its clock starts (nibabel, numpy, samora's CLI, data and metrics: torch,
+    MONAI), so that no phase's time includes an import."""
+    import nibabel  # noqa: F401
+    import numpy  # noqa: F401
+
+    import samora.cli  # noqa: F401
+    import samora.data  # noqa: F401
+    import samora.metrics  # noqa: F401
+
+
+def _fresh_work_dir(work: str | None) -> Path:
+    """The given work folder (it must be new or empty), or a new temp folder."""
+    path = Path(work or tempfile.mkdtemp(prefix="samora-demo-")).resolve()
+    if path.is_dir() and any(path.iterdir()):
         # a model version left there would be served instead of training: the demo measures a fresh start
-        raise SystemExit(f"--work {work} is not empty: give a new or empty folder")
-    work.mkdir(parents=True, exist_ok=True)
-    studies, truth = work / "sample-data", work / "sample-data_truth"
+        raise SystemExit(f"--work {path} is not empty: give a new or empty folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _app_conf(work: Path, extra: list[list[str]]) -> dict[str, str]:
+    """The app's conf: the model folder inside the work folder, the phantoms' labels, then any --conf pairs."""
+    from samora.data import PHANTOM_LABELS
+
     # the phantoms' own label map, as scripts/serve.sh serves them (the app's default is 8 abdominal organs)
     phantom_labels = ",".join(f"{name}={idx}" for name, idx in PHANTOM_LABELS.items())
-    conf = {"model_dir": str(work / "model"), "labels": phantom_labels, **{k: v for k, v in args.conf}}
-    record: dict[str, Any] = {
+    return {"model_dir": str(work / "model"), "labels": phantom_labels, **{k: v for k, v in extra}}
+
+
+def _new_record(work: Path, *, conf: dict[str, str], started: dt.datetime, phases: dict[str, float]) -> dict[str, Any]:
+    """The result record before the job runs: command, date, machine, work folder, conf, target, phase timings."""
+    return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": started.isoformat(timespec="seconds"),
         "machine": _machine(),
         "work": str(work),
         "conf": conf,
         "target_mean_dice": TARGET_DICE,
-        "phases_s": {},
+        "phases_s": phases,
     }
-    phases = record["phases_s"]
 
-    def log(msg: str) -> None:
-        print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
 
-    def phase(name: str, since: float) -> float:
-        now = time.monotonic()
-        phases[name] = round(now - since, 1)
-        return now
-
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole job; returns the result record (also on failure, with `error`)."""
+    _import_job_modules()
+    clock = _Clock()
+    started = dt.datetime.now(dt.timezone.utc)
+    temp = args.work is None
+    work = _fresh_work_dir(args.work)
+    studies, truth = work / "sample-data", work / "sample-data_truth"
+    conf = _app_conf(work, args.conf)
+    record = _new_record(work, conf=conf, started=started, phases=clock.phases)
     server: ServerProcess | None = None
     try:
-        log(f"sample data -> {studies}")
-        t = time.monotonic()
-        if samora_cli(["make-sample-data", "--out", str(studies), "--truth", str(truth), "--seed", str(args.seed)]):
-            raise DemoError("make-sample-data failed")
-        t = phase("make_sample_data", t)
-        labeled = sorted(p.name[: -len(".nii.gz")] for p in (studies / "labels" / "final").glob("*.nii.gz"))
-        unlabeled = sorted(p.name[: -len(".nii.gz")] for p in truth.glob("*.nii.gz"))
-        record["studies"] = {"labeled": labeled, "unlabeled": unlabeled}
-
-        # MONAI Label's own defaults (the test launcher's quieter settings are not the demo's point)
-        env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "PYTHONUNBUFFERED": "1"}
-        env["MONAI_LABEL_SESSION_PATH"] = str(work / "sessions")
-        log(f"starting monailabel start_server --app {APP_DIR} --studies {studies}")
-        server = start_server(studies, conf, work, timeout=180, env=env)
-        record["server_command"] = " ".join(server.proc.args)
-        t_up = phase("server_start", t)
-        info = server.client.info()
-        record["server_info"] = {"version": info.get("version"), "trainers": list(info["trainers"])}
-
-        log("waiting for the first model version (samora fine-tuning, queued by the app at start)")
-        budget = args.budget - (time.monotonic() - t0) - 60
-        tasks = _wait_for_trainers(server, budget, log)
-        phases["finetune"] = round(tasks["samora"]["observed_done"] - t_up, 1)
-        record["first_version_s"] = round(tasks["samora"]["observed_done"] - server.launched, 1)
-        record["first_version_target_s"] = FIRST_VERSION_TARGET_S
-        log(f"first model version {record['first_version_s']:.0f}s after the server's launch")
-        stats = server.client.info()["train_stats"]
-        record["train_stats"] = stats
-        t = time.monotonic()
-
-        per_study: dict[str, Any] = {}
-        for image_id in unlabeled:
-            t_inf = time.monotonic()
-            path, result = server.client.infer("samora", image_id, {})
-            if path is None:
-                raise DemoError(f"infer returned no label for {image_id}: {result}")
-            pred = np.asarray(nib.load(path).dataobj).astype(np.int16)
-            gt = np.asarray(nib.load(str(truth / f"{image_id}.nii.gz")).dataobj).astype(np.int16)
-            if pred.shape != gt.shape:
-                raise DemoError(f"{image_id}: prediction shape {pred.shape} != truth {gt.shape}")
-            dice = mean_dice(pred, gt, PHANTOM_LABELS)
-            classes = volume_metrics(pred, gt, PHANTOM_LABELS)["classes"]
-            per_study[image_id] = {
-                "mean_dice": round(dice, 4),
-                "dice": {name: round(m["dice"], 4) for name, m in classes.items()},
-                "model_version": result.get("model_version"),
-                "infer_s": round(time.monotonic() - t_inf, 2),
-            }
-            log(
-                f"  {image_id}: mean Dice {dice:.4f} "
-                + " ".join(f"{k} {v:.3f}" for k, v in per_study[image_id]["dice"].items())
-            )
-        phase("infer", t)
-        record["per_study"] = per_study
-        record["mean_dice"] = round(float(np.mean([s["mean_dice"] for s in per_study.values()])), 4)
-        versions = {s["model_version"] for s in per_study.values()}
-        if versions != {1}:
-            raise DemoError(f"inference used model version(s) {versions}, expected the freshly trained 1")
+        t, unlabeled = _make_sample_data(studies, truth=truth, seed=args.seed, record=record, clock=clock)
+        server = _start_demo_server(studies, conf=conf, work=work, clock=clock)
+        t_up = _describe_server(server, record=record, clock=clock, since=t)
+        _wait_for_first_version(server, total_budget=args.budget, record=record, clock=clock, t_up=t_up)
+        _infer_unlabeled(server, unlabeled, truth=truth, record=record, clock=clock)
     except Exception as e:  # noqa: BLE001 - any failure ends up in the JSON and the exit status
         record["error"] = f"{type(e).__name__}: {e}"
-        log(f"FAILED: {record['error']}")
+        clock.log(f"FAILED: {record['error']}")
     finally:
         if server is not None:
             t = time.monotonic()
             stop_server(server)
-            phase("server_stop", t)
-        record["total_s"] = round(time.monotonic() - t0, 1)
+            clock.phase("server_stop", t)
+        record["total_s"] = round(clock.elapsed(), 1)
         if temp and not args.keep and "error" not in record:
             shutil.rmtree(work, ignore_errors=True)
     return record
+
+
+def _make_sample_data(
+    studies: Path, *, truth: Path, seed: int, record: dict[str, Any], clock: _Clock
+) -> tuple[float, list[str]]:
+    """`samora make-sample-data` into `studies` (ground truth of the unlabelled ones in `truth`); records the study
+    ids and returns the end of the phase and the unlabelled ids."""
+    from samora.cli import main as samora_cli
+
+    clock.log(f"sample data -> {studies}")
+    t = time.monotonic()
+    if samora_cli(["make-sample-data", "--out", str(studies), "--truth", str(truth), "--seed", str(seed)]):
+        raise DemoError("make-sample-data failed")
+    t = clock.phase("make_sample_data", t)
+    labeled = sorted(p.name[: -len(".nii.gz")] for p in (studies / "labels" / "final").glob("*.nii.gz"))
+    unlabeled = sorted(p.name[: -len(".nii.gz")] for p in truth.glob("*.nii.gz"))
+    record["studies"] = {"labeled": labeled, "unlabeled": unlabeled}
+    return t, unlabeled
+
+
+def _start_demo_server(studies: Path, *, conf: dict[str, str], work: Path, clock: _Clock) -> ServerProcess:
+    """`monailabel start_server` on the sample data with MONAI Label's own defaults (sessions in the work folder)."""
+    # MONAI Label's own defaults (the test launcher's quieter settings are not the demo's point)
+    env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "PYTHONUNBUFFERED": "1"}
+    env["MONAI_LABEL_SESSION_PATH"] = str(work / "sessions")
+    clock.log(f"starting monailabel start_server --app {APP_DIR} --studies {studies}")
+    return start_server(studies=studies, conf=conf, work=work, timeout=180, env=env)
+
+
+def _describe_server(server: ServerProcess, *, record: dict[str, Any], clock: _Clock, since: float) -> float:
+    """Record the server's command, version and trainers; the server_start phase ends here (returned)."""
+    record["server_command"] = " ".join(server.proc.args)
+    t_up = clock.phase("server_start", since)
+    info = server.client.info()
+    record["server_info"] = {"version": info.get("version"), "trainers": list(info["trainers"])}
+    return t_up
+
+
+def _wait_for_first_version(
+    server: ServerProcess, *, total_budget: float, record: dict[str, Any], clock: _Clock, t_up: float
+) -> None:
+    """Wait for the fine-tuning the app queued at start (within what is left of `total_budget`, less a minute for
+    inference); record when the first model version was published."""
+    clock.log("waiting for the first model version (samora fine-tuning, queued by the app at start)")
+    budget = total_budget - clock.elapsed() - 60
+    tasks = _wait_for_trainers(server, budget, clock.log)
+    clock.phases["finetune"] = round(tasks["samora"]["observed_done"] - t_up, 1)
+    record["first_version_s"] = round(tasks["samora"]["observed_done"] - server.launched, 1)
+    record["first_version_target_s"] = FIRST_VERSION_TARGET_S
+    clock.log(f"first model version {record['first_version_s']:.0f}s after the server's launch")
+    record["train_stats"] = server.client.info()["train_stats"]
+
+
+def _infer_unlabeled(
+    server: ServerProcess, unlabeled: list[str], *, truth: Path, record: dict[str, Any], clock: _Clock
+) -> None:
+    """Infer `samora` on every unlabelled study and score it; records per-study and mean Dice (model version 1)."""
+    import numpy as np
+
+    t = time.monotonic()
+    per_study = {
+        image_id: _score_study(server, image_id=image_id, truth=truth, log=clock.log) for image_id in unlabeled
+    }
+    clock.phase("infer", t)
+    record["per_study"] = per_study
+    record["mean_dice"] = round(float(np.mean([s["mean_dice"] for s in per_study.values()])), 4)
+    versions = {s["model_version"] for s in per_study.values()}
+    if versions != {1}:
+        raise DemoError(f"inference used model version(s) {versions}, expected the freshly trained 1")
+
+
+def _score_study(server: ServerProcess, *, image_id: str, truth: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Infer one study through the server and score it against its ground truth: mean and per-organ Dice (logged)."""
+    import nibabel as nib
+    import numpy as np
+
+    from samora.data import PHANTOM_LABELS
+    from samora.metrics import mean_dice, volume_metrics
+
+    t_inf = time.monotonic()
+    path, result = server.client.infer("samora", image_id, {})
+    if path is None:
+        raise DemoError(f"infer returned no label for {image_id}: {result}")
+    pred = np.asarray(nib.load(path).dataobj).astype(np.int16)
+    gt = np.asarray(nib.load(str(truth / f"{image_id}.nii.gz")).dataobj).astype(np.int16)
+    if pred.shape != gt.shape:
+        raise DemoError(f"{image_id}: prediction shape {pred.shape} != truth {gt.shape}")
+    dice = mean_dice(pred, gt, PHANTOM_LABELS)
+    classes = volume_metrics(pred, gt, PHANTOM_LABELS)["classes"]
+    scores = {
+        "mean_dice": round(dice, 4),
+        "dice": {name: round(m["dice"], 4) for name, m in classes.items()},
+        "model_version": result.get("model_version"),
+        "infer_s": round(time.monotonic() - t_inf, 2),
+    }
+    log(f"  {image_id}: mean Dice {dice:.4f} " + " ".join(f"{k} {v:.3f}" for k, v in scores["dice"].items()))
+    return scores
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,8 +140,20 @@ def render_markdown(record: dict) -> str:
     """The efficiency section of docs/benchmarks.md."""
     analysis = record["analysis"]
     titles = record["methods"]
-    budget = curve_budget(record)
-    out = [
+    out = intro_lines(curve_budget(record))
+    out.append(pairs_table(analysis["pairs"]))
+    out += ["", "Held-out Dice per epoch (mean ± std over seeds):", ""]
+    curves = analysis["curves"]
+    if curves:
+        out.append(curves_table(curves))
+    out += ["", f"Method keys: {', '.join(f'`{m}` = {titles.get(m, m)}' for m in curves)}.", ""]
+    out += [f"![efficiency]({output_name(record)}_curves.png)", ""]
+    return "\n".join(out)
+
+
+def intro_lines(budget: float) -> list[str]:
+    """The section's title and what its numbers mean."""
+    return [
         "## 2. Fine-tuning efficiency",
         "",
         "Held-out Dice (pooled over the test slabs' slices at the model's input size, classes present there) after "
@@ -152,58 +164,55 @@ def render_markdown(record: dict) -> str:
         "reference).",
         "",
     ]
-    rows = []
-    for p in analysis["pairs"]:
-        per_seed = ", ".join(
-            f"{s}: {v['ssl_epochs'] if v['ssl_epochs'] is not None else 'never'}" for s, v in p["per_seed"].items()
-        )
-        saving = "-" if p["epoch_saving"] is None else f"{100 * p['epoch_saving']:.0f}%"
-        rows.append(
-            [
-                f"{p['ssl_method']} vs {p['reference']}",
-                f"{p['reference_final_dice']:.3f}",
-                f"{p['ssl_final_dice']:.3f}",
-                f"{p['target_dice']:.3f}",
-                "never" if p["reference_epochs_to_target"] is None else f"{p['reference_epochs_to_target']:.0f}",
-                ("never" if p["ssl_epochs_to_target"] is None else f"{p['ssl_epochs_to_target']:.0f}")
-                + f" ({per_seed})",
-                saving,
-                f"{p['total_epochs']:.0f}",
-            ]
-        )
-    out.append(
-        md_table(
-            [
-                "pair",
-                "reference final Dice",
-                "variant final Dice",
-                "target (90%)",
-                "reference epochs to target",
-                "variant epochs to target (per seed)",
-                "epochs saved",
-                "epochs run",
-            ],
-            rows,
-        )
+
+
+PAIR_COLUMNS = (
+    "pair",
+    "reference final Dice",
+    "variant final Dice",
+    "target (90%)",
+    "reference epochs to target",
+    "variant epochs to target (per seed)",
+    "epochs saved",
+    "epochs run",
+)
+
+
+def pairs_table(pairs: list[dict[str, Any]]) -> str:
+    """One row per (variant, reference) pair: final Dice of both, the 90% target and the epochs each needs."""
+    return md_table(PAIR_COLUMNS, [pair_row(p) for p in pairs])
+
+
+def pair_row(p: dict[str, Any]) -> list[str]:
+    """A pair's cells; epochs that never reach the target read `never`, the variant's per seed in brackets."""
+    per_seed = ", ".join(
+        f"{s}: {v['ssl_epochs'] if v['ssl_epochs'] is not None else 'never'}" for s, v in p["per_seed"].items()
     )
-    out += ["", "Held-out Dice per epoch (mean ± std over seeds):", ""]
-    curves = analysis["curves"]
-    if curves:
-        epochs = next(iter(curves.values()))["epochs"]
-        methods = [m for m in curves if m in CURVE_METHODS]
-        rows = []
-        for i, e in enumerate(epochs):
-            rows.append(
-                [f"{e:.1f}"]
-                + [
-                    fmt_ms([ys[i] for ys in curves[m]["heldout_dice"]]) if i < len(curves[m]["epochs"]) else "-"
-                    for m in methods
-                ]
-            )
-        out.append(md_table(["epoch", *methods], rows))
-    out += ["", f"Method keys: {', '.join(f'`{m}` = {titles.get(m, m)}' for m in curves)}.", ""]
-    out += [f"![efficiency]({output_name(record)}_curves.png)", ""]
-    return "\n".join(out)
+    saving = "-" if p["epoch_saving"] is None else f"{100 * p['epoch_saving']:.0f}%"
+    return [
+        f"{p['ssl_method']} vs {p['reference']}",
+        f"{p['reference_final_dice']:.3f}",
+        f"{p['ssl_final_dice']:.3f}",
+        f"{p['target_dice']:.3f}",
+        "never" if p["reference_epochs_to_target"] is None else f"{p['reference_epochs_to_target']:.0f}",
+        ("never" if p["ssl_epochs_to_target"] is None else f"{p['ssl_epochs_to_target']:.0f}") + f" ({per_seed})",
+        saving,
+        f"{p['total_epochs']:.0f}",
+    ]
+
+
+def curves_table(curves: dict[str, dict[str, Any]]) -> str:
+    """Held-out Dice per epoch (mean ± std over seeds), one column per plotted method; `-` past a shorter curve."""
+    epochs = next(iter(curves.values()))["epochs"]
+    methods = [m for m in curves if m in CURVE_METHODS]
+    rows = []
+    for i, e in enumerate(epochs):
+        cells = [
+            fmt_ms([ys[i] for ys in curves[m]["heldout_dice"]]) if i < len(curves[m]["epochs"]) else "-"
+            for m in methods
+        ]
+        rows.append([f"{e:.1f}", *cells])
+    return md_table(["epoch", *methods], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

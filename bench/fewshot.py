@@ -27,14 +27,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from cli import add_common_args, preset_for
-from jobs import Job, JobJournal, peak_rss_mb, reset_peak_rss, run_jobs
+from cli import add_common_args, preset_for, with_overrides
+from jobs import Job, JobJournal, open_journal, peak_rss_mb, reset_peak_rss, run_jobs
 from methods import METHODS, Method, build_model, finetune_config, trainable_count
 from paths import DATA
 from plots import plot_lines
 from records import command_line, machine_info, now_utc, write_json
 from report import PSEUDO_LABEL_NOTE, RANDOM_BACKBONE_NOTE, fmt_ms, header_lines, md_table
-from ssl_runs import SSLSpec, build_ssl_cache, run_ssl_job, spec_dict, ssl_dir, ssl_studies
+from ssl_runs import SSLSpec, build_ssl_cache, spec_dict, ssl_dir, ssl_job, ssl_spec_for
 from stats import as_float, finite, mean_std
 
 DEFAULTS = {
@@ -306,7 +306,7 @@ class HeldoutCurve:
 
 def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune one method on one label budget with one seed; score it on the test slabs."""
-    from samora.engine.train import finetune, slices_from_arrays
+    from samora.engine.train import finetune
 
     reset_peak_rss()
     start = time.perf_counter()
@@ -315,57 +315,27 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
         return run_zeroshot_job(settings, start)
     case = load_case(settings["data"], tuple(settings["window_hu"]))
     split = split_slabs(case.labels.shape[case.axis])
-    size = settings["image_size"]
     chosen = budget_indices(split.train, budget, seed)
     rng = np.random.default_rng(seed)
-
-    def ct_slices(case_id: str, indices: Sequence[int]) -> Any:
-        """The CT's labelled slices at `indices`, every one kept (empty_fraction 1), drawn with this job's rng."""
-        return slices_from_arrays(
-            volume01=case.v01,
-            labels=case.labels,
-            axis=case.axis,
-            size=size,
-            context="single",
-            case_id=case_id,
-            empty_fraction=1.0,
-            rng=rng,
-            indices=indices,
-        )
-
-    train = ct_slices("ct", chosen)
-    model = build_model(
-        method=spec,
-        labels=case.label_map,
-        image_size=size,
-        seed=seed,
-        preset=settings["preset"],
-        checkpoint=settings["checkpoint"],
-        experts_dir=settings["experts"].get(str(seed)) if spec.ssl else None,
-    )
+    train = ct_slices(case, chosen, case_id="ct", size=settings["image_size"], rng=rng)
+    model = job_model(spec, case=case, seed=seed, settings=settings)
     params = trainable_count(model, spec.train_mode)
+    config = job_finetune_config(spec, n_slices=len(train), seed=seed, settings=settings)
     cached = spec.train_mode == "cached"
-    config = finetune_config(
-        steps=settings["steps"],
-        n_slices=len(train),
-        batch_size=settings["batch_size"],
-        lr=settings["lr"] if spec.kind == "sam" else settings["baseline_lr"],
-        seed=seed,
-        mode=spec.train_mode,
-        embedding_dir=settings["embedding_dir"] if cached else None,
-        device=settings["device"],
-    )
     embeddings = test_embeddings(model, settings) if cached else None  # a frozen encoder: every slice encoded once
     curve = None
     if budget in settings["curve_budgets"]:
-        heldout = ct_slices("test", split.test)
-        heldout_embeddings = None
-        if embeddings is not None:  # computed once, not at every curve point
-            heldout_embeddings = embeddings.embed(model, heldout.images, device=settings["device"])
-        curve = HeldoutCurve(model, heldout, settings["epoch_steps"], config.max_steps, heldout_embeddings, settings)
+        curve = heldout_curve(
+            model, case=case, split=split, rng=rng, config=config, embeddings=embeddings, settings=settings
+        )
     history = finetune(model, train, config, val=None, on_epoch=curve)
     pred = segment_test_slabs(
-        model=model, case=case, split=split, image_size=size, embeddings=embeddings, device=settings["device"]
+        model=model,
+        case=case,
+        split=split,
+        image_size=settings["image_size"],
+        embeddings=embeddings,
+        device=settings["device"],
     )
     return {
         "method": method,
@@ -374,15 +344,91 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
         "n_train_slices": len(train),
         "train_slices": chosen,
         "trainable_params": params,
+        **history_fields(history),
+        "seconds": time.perf_counter() - start,
+        "peak_rss_mb": peak_rss_mb(),
+        "curve": curve.points if curve is not None else [],
+        **score(pred, case, split),
+    }
+
+
+def ct_slices(case: SimpleNamespace, indices: Sequence[int], *, case_id: str, size: int, rng: Any) -> Any:
+    """The CT's labelled slices at `indices`, every one kept (empty_fraction 1), drawn with the job's `rng`."""
+    from samora.engine.train import slices_from_arrays
+
+    return slices_from_arrays(
+        volume01=case.v01,
+        labels=case.labels,
+        axis=case.axis,
+        size=size,
+        context="single",
+        case_id=case_id,
+        empty_fraction=1.0,
+        rng=rng,
+        indices=indices,
+    )
+
+
+def job_model(spec: Method, *, case: SimpleNamespace, seed: int, settings: dict[str, Any]) -> Any:
+    """The method's model for this seed (a SAMora variant with the seed's SSL experts)."""
+    return build_model(
+        method=spec,
+        labels=case.label_map,
+        image_size=settings["image_size"],
+        seed=seed,
+        preset=settings["preset"],
+        checkpoint=settings["checkpoint"],
+        experts_dir=settings["experts"].get(str(seed)) if spec.ssl else None,
+    )
+
+
+def job_finetune_config(spec: Method, *, n_slices: int, seed: int, settings: dict[str, Any]) -> Any:
+    """The shared fine-tuning recipe for this method: the SAM-family lr or the baselines' lr, its training mode."""
+    return finetune_config(
+        steps=settings["steps"],
+        n_slices=n_slices,
+        batch_size=settings["batch_size"],
+        lr=settings["lr"] if spec.kind == "sam" else settings["baseline_lr"],
+        seed=seed,
+        mode=spec.train_mode,
+        embedding_dir=settings["embedding_dir"] if spec.train_mode == "cached" else None,
+        device=settings["device"],
+    )
+
+
+def heldout_curve(
+    model: Any,
+    *,
+    case: SimpleNamespace,
+    split: Split,
+    rng: Any,
+    config: Any,
+    embeddings: Any,
+    settings: dict[str, Any],
+) -> HeldoutCurve:
+    """The held-out Dice monitor on the test slices (their embeddings computed once when the encoder is frozen)."""
+    heldout = ct_slices(case, split.test, case_id="test", size=settings["image_size"], rng=rng)
+    heldout_embeddings = None
+    if embeddings is not None:  # computed once, not at every curve point
+        heldout_embeddings = embeddings.embed(model, heldout.images, device=settings["device"])
+    return HeldoutCurve(
+        model=model,
+        heldout=heldout,
+        every=settings["epoch_steps"],
+        max_steps=config.max_steps,
+        embeddings=heldout_embeddings,
+        settings=settings,
+    )
+
+
+def history_fields(history: dict[str, Any]) -> dict[str, Any]:
+    """What a job's record keeps of finetune's history: steps, epochs, best epoch, last loss, training time."""
+    return {
         "steps": history["steps"],
         "epochs_run": len(history["history"]),
         "best_epoch": history["best_epoch"],
         "final_loss": history["history"][-1]["loss"],
         "train_seconds": history["total_time"],
-        "seconds": time.perf_counter() - start,
-        "peak_rss_mb": peak_rss_mb(),
-        "curve": curve.points if curve is not None else [],
-        **score(pred, case, split),
     }
 
 
@@ -471,11 +517,8 @@ def runs_here(method: Method, budget: float, seed: int, base: dict[str, Any]) ->
 
 def base_settings(args: argparse.Namespace, preset: str) -> dict[str, Any]:
     """The preset's profile (or the quick one) with the command line's overrides; unknown methods refused."""
-    base = dict(QUICK if args.quick else PROFILES.get(preset, DEFAULTS))
-    for key in ("seeds", "budgets", "methods", "image_size", "steps", "batch_size", "lr", "ssl_steps", "full_stage"):
-        value = getattr(args, key, None)
-        if value is not None:
-            base[key] = value
+    keys = ("seeds", "budgets", "methods", "image_size", "steps", "batch_size", "lr", "ssl_steps", "full_stage")
+    base = with_overrides(QUICK if args.quick else PROFILES.get(preset, DEFAULTS), args, keys)
     unknown = [m for m in base["methods"] if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
@@ -521,60 +564,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
     data = str(Path(args.data))
     case = load_case(data, window_for(preset))
-    depth = case.labels.shape[case.axis]
-    split = split_slabs(depth)
-    organs = test_organs(case, split)
+    split = split_slabs(case.labels.shape[case.axis])
     epoch_steps = math.ceil(len(split.train) / base["batch_size"])
     needs_ssl = any(METHODS[m].ssl for m in base["methods"])
-    spec = SSLSpec(
-        preset=preset,
-        image_size=base["image_size"],
-        steps=base["ssl_steps"],
-        batch_size=base["ssl_batch_size"],
-        checkpoint=args.checkpoint,
-        studies=tuple(str(p) for p in ssl_studies(Path(data))),
-        window_hu=window_for(preset),
-    )
+    spec = ssl_spec_for(base, preset=preset, checkpoint=args.checkpoint, data=data, window_hu=window_for(preset))
     ssl_info = build_ssl_cache(work, spec) if needs_ssl else None
-    experts = {str(s): str(ssl_dir(work, spec, s)) for s in base["seeds"]}
-    settings = {
-        "data": data,
-        "image_size": base["image_size"],
-        "steps": base["steps"],
-        "batch_size": base["batch_size"],
-        "lr": base["lr"],
-        "baseline_lr": base["baseline_lr"],
-        "window_hu": list(window_for(preset)),
-        "embedding_dir": str(work / "embeddings"),
-        "device": args.device,
-        "preset": preset,
-        "checkpoint": args.checkpoint,
-        "experts": experts,
-        # held-out curves (bench/efficiency.py) where the full-stage rows run: 100%, or 10% on a CPU
-        "curve_budgets": [FULL_STAGE_CPU[0] if base["full_stage"] == "cpu" else 1.0],
-        "epoch_steps": epoch_steps,
-    }
+    settings = job_settings(args, base=base, preset=preset, spec=spec, epoch_steps=epoch_steps)
     ssl_jobs = [
-        Job(f"ssl/{seed}", run_ssl_job, {"work": str(work), "spec": spec_dict(spec), "seed": seed}, cost=1e6)
-        for seed in (base["seeds"] if needs_ssl else ())
+        ssl_job(key=f"ssl/{seed}", work=work, spec=spec, seed=seed) for seed in (base["seeds"] if needs_ssl else ())
     ]
     jobs = ssl_jobs + fewshot_jobs(base, settings)
     print(f"fewshot: {len(jobs)} jobs on {args.workers} workers x {args.threads} thread(s)", flush=True)
-
-    # a job's result depends on the recipe, not on which other methods, budgets or seeds the run lists, nor on where
-    # the data, the embeddings and the experts lie (folders differ between clones)
-    recipe = {k: v for k, v in base.items() if k not in ("methods", "budgets", "seeds", "full_stage")}
-    shared = {k: v for k, v in settings.items() if k not in ("experts", "data", "embedding_dir")}
-    # beside the results, so that a later session or a GPU machine working on a clone resumes where this one stopped
-    journal_path = Path(args.out) / "results" / f"{result_name(preset)}_jobs.jsonl"
-    journal = JobJournal(journal_path, {"recipe": recipe, "settings": shared})
-    if args.fresh:
-        journal.clear()
-    done = {k: v for k, v in journal.finished().items() if k in {j.key for j in jobs}}
-    if done:
-        print(f"fewshot: resuming, {len(done)} of {len(jobs)} jobs already done ({journal.path})", flush=True)
+    journal, done = open_fewshot_journal(args, base=base, settings=settings, jobs=jobs)
     context = {"args": args, "base": base, "settings": settings, "spec": spec, "ssl_info": ssl_info, "split": split}
-    context.update(case=case, organs=organs, epoch_steps=epoch_steps, wall=wall, n_jobs=len(jobs))
+    context.update(case=case, organs=test_organs(case, split), epoch_steps=epoch_steps, wall=wall, n_jobs=len(jobs))
     finished = dict(done)
     if args.report:
         return make_record(context, finished)
@@ -585,7 +588,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finished[job.key] = result
         write_partial(make_record(context, finished))
 
-    return make_record(context, run_jobs(jobs, args.workers, args.threads, on_result, done=done))
+    results = run_jobs(jobs, workers=args.workers, threads=args.threads, on_result=on_result, done=done)
+    return make_record(context, results)
+
+
+def job_settings(
+    args: argparse.Namespace, *, base: dict[str, Any], preset: str, spec: SSLSpec, epoch_steps: int
+) -> dict[str, Any]:
+    """What every few-shot job reads: the recipe, where the data, embeddings and each seed's experts lie, and the
+    budgets whose runs record held-out curves."""
+    work = Path(args.work)
+    return {
+        "data": str(Path(args.data)),
+        "image_size": base["image_size"],
+        "steps": base["steps"],
+        "batch_size": base["batch_size"],
+        "lr": base["lr"],
+        "baseline_lr": base["baseline_lr"],
+        "window_hu": list(window_for(preset)),
+        "embedding_dir": str(work / "embeddings"),
+        "device": args.device,
+        "preset": preset,
+        "checkpoint": args.checkpoint,
+        "experts": {str(s): str(ssl_dir(work, spec, s)) for s in base["seeds"]},
+        # held-out curves (bench/efficiency.py) where the full-stage rows run: 100%, or 10% on a CPU
+        "curve_budgets": [FULL_STAGE_CPU[0] if base["full_stage"] == "cpu" else 1.0],
+        "epoch_steps": epoch_steps,
+    }
+
+
+def open_fewshot_journal(
+    args: argparse.Namespace, *, base: dict[str, Any], settings: dict[str, Any], jobs: list[Job]
+) -> tuple[JobJournal, dict[str, dict]]:
+    """The run's job journal and the jobs an earlier run with the same recipe finished (announced when any)."""
+    # a job's result depends on the recipe, not on which other methods, budgets or seeds the run lists, nor on where
+    # the data, the embeddings and the experts lie (folders differ between clones)
+    recipe = {k: v for k, v in base.items() if k not in ("methods", "budgets", "seeds", "full_stage")}
+    shared = {k: v for k, v in settings.items() if k not in ("experts", "data", "embedding_dir")}
+    # beside the results, so that a later session or a GPU machine working on a clone resumes where this one stopped
+    journal_path = Path(args.out) / "results" / f"{result_name(settings['preset'])}_jobs.jsonl"
+    journal, done = open_journal(
+        path=journal_path, settings={"recipe": recipe, "settings": shared}, jobs=jobs, fresh=args.fresh
+    )
+    if done:
+        print(f"fewshot: resuming, {len(done)} of {len(jobs)} jobs already done ({journal.path})", flush=True)
+    return journal, done
 
 
 def write_partial(record: dict[str, Any]) -> None:

@@ -149,3 +149,14 @@ class JobJournal:
     def clear(self) -> None:
         """Forget every recorded result (a fresh run)."""
         self.path.unlink(missing_ok=True)
+
+
+def open_journal(
+    path: str | Path, settings: dict[str, Any], jobs: Sequence[Job], *, fresh: bool
+) -> tuple[JobJournal, dict[str, dict]]:
+    """The run's journal (emptied first on a fresh run) and the results it already holds for `jobs`."""
+    journal = JobJournal(path, settings)
+    if fresh:
+        journal.clear()
+    keys = {j.key for j in jobs}
+    return journal, {k: v for k, v in journal.finished().items() if k in keys}

@@ -8,7 +8,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs import Job
 from paths import DATA
+
+ABDOMEN_WINDOW_HU = (-125.0, 275.0)  # the SSL slices' default CT window (the folder names leave it out)
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,7 @@ class SSLSpec:
     checkpoint: str | None = None
     lr: float = 1e-3
     studies: tuple[str, ...] = field(default_factory=tuple)
-    window_hu: tuple[float, float] = (-125.0, 275.0)
+    window_hu: tuple[float, float] = ABDOMEN_WINDOW_HU
 
     def tag(self) -> str:
         """Folder-name signature (experts of another configuration are never picked up by mistake)."""
@@ -32,7 +35,7 @@ class SSLSpec:
     def window_tag(self) -> str:
         """'' for the abdominal window (earlier folders stay valid), else the window in HU."""
         low, high = self.window_hu
-        return "" if (low, high) == (-125.0, 275.0) else f"_w{low:g}_{high:g}"
+        return "" if (low, high) == ABDOMEN_WINDOW_HU else f"_w{low:g}_{high:g}"
 
 
 def ssl_studies(data: Path = DATA) -> list[Path]:
@@ -48,6 +51,32 @@ def ssl_studies(data: Path = DATA) -> list[Path]:
     if missing:
         raise FileNotFoundError(f"SSL studies missing: {missing} (set SAMORA_SHARED_DATA)")
     return paths
+
+
+def ssl_spec_for(
+    settings: dict[str, Any],
+    *,
+    preset: str,
+    checkpoint: str | None,
+    data: str | Path,
+    window_hu: tuple[float, float] = ABDOMEN_WINDOW_HU,
+) -> SSLSpec:
+    """A benchmark's stage-1 spec: its input size, `ssl_steps` and `ssl_batch_size` from `settings`, the SSL studies
+    of the shared data folder `data`."""
+    return SSLSpec(
+        preset=preset,
+        image_size=settings["image_size"],
+        steps=settings["ssl_steps"],
+        batch_size=settings["ssl_batch_size"],
+        checkpoint=checkpoint,
+        studies=tuple(str(p) for p in ssl_studies(Path(data))),
+        window_hu=window_hu,
+    )
+
+
+def ssl_job(key: str, work: Path, spec: SSLSpec, seed: int) -> Job:
+    """The job that trains (or reuses) the experts of `seed`, started before every other job."""
+    return Job(key=key, fn=run_ssl_job, kwargs={"work": str(work), "spec": spec_dict(spec), "seed": seed}, cost=1e6)
 
 
 def ssl_cache_dir(work: Path, spec: SSLSpec) -> Path:

@@ -105,10 +105,19 @@ def train_expert(
     `hooks`: progress bar, log, per-step callback and stop request (RunHooks; a stop returns status "stopped").
     """
     hooks = hooks or RunHooks()
-    run = _ExpertRun(model, level, cache, Path(out_dir), total_steps, settings or SSLSettings(), hooks.log, device)
+    run = _ExpertRun(
+        model=model,
+        level=level,
+        cache=cache,
+        out_dir=Path(out_dir),
+        total_steps=total_steps,
+        settings=settings or SSLSettings(),
+        hooks=hooks,
+        device=device,
+    )
     run.build(teacher, objective_options)
     run.resume(heldout)
-    status = run.train(hooks)
+    status = run.train()
     summary = run.summary(status)
     if status == "finished":
         run.finish(summary, metadata)
@@ -119,7 +128,17 @@ def train_expert(
 class _ExpertRun:
     """The state of one level's run, and its steps: build, resume, train, summarise, finish."""
 
-    def __init__(self, model, level, cache, out_dir, total_steps, settings, log, device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        level: str,
+        cache: Any,
+        out_dir: Path,
+        total_steps: int,
+        settings: SSLSettings,
+        hooks: RunHooks,
+        device: str | torch.device | None,
+    ) -> None:
         if level not in EXPERTS:
             raise ValueError(f"unknown SSL level {level!r}; choose one of {EXPERTS}")
         if total_steps < 1:
@@ -132,8 +151,8 @@ class _ExpertRun:
         if self.batch_size % self.ctx.world_size:
             raise ValueError(f"batch size {self.batch_size} does not split evenly over {self.ctx.world_size} processes")
         self.model, self.level, self.cache, self.out_dir = model, level, cache, out_dir
-        self.total, self.settings = total_steps, settings
-        self.log = log if self.ctx.is_main else quiet
+        self.total, self.settings, self.hooks = total_steps, settings, hooks
+        self.log = hooks.log if self.ctx.is_main else quiet
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.ckpt, self.losses_path = checkpoint_path(out_dir, level), log_path(out_dir, level)
         self.step, self.elapsed_before, self.steps_this_run, self.seconds = 0, 0.0, 0, 0.0
@@ -223,9 +242,9 @@ class _ExpertRun:
         }
         save_checkpoint(self.ckpt, state)
 
-    def train(self, hooks: RunHooks) -> str:
+    def train(self) -> str:
         """Run the remaining steps; returns "finished" or "stopped"."""
-        settings, level, ctx = self.settings, self.level, self.ctx
+        settings, level, ctx, hooks = self.settings, self.level, self.ctx, self.hooks
         loader = DataLoader(
             BatchMaker(self.cache, self.objective.preparer),
             sampler=StepBatches(len(self.cache), self.batch_size, settings.seed, level, self.step, self.total, ctx),
