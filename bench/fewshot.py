@@ -285,6 +285,7 @@ class HeldoutCurve:
         self.embeddings, self.device = embeddings, settings["device"]
         self.next_mark = every
         self.points: list[dict[str, float]] = []
+        self.started = time.perf_counter()
 
     def __call__(self, record: dict) -> None:
         from samora.engine.train import evaluate_slices
@@ -302,6 +303,9 @@ class HeldoutCurve:
             }
         )
         self.next_mark = (record["step"] // self.every + 1) * self.every
+        # progress of the long jobs (a full-stage row takes hours on a CPU)
+        seconds = time.perf_counter() - self.started
+        print(f"    step {record['step']}/{self.max_steps}: held-out Dice {dice:.3f}, {seconds:.0f} s", flush=True)
 
 
 def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
