@@ -16,6 +16,7 @@ from samora.adapters.experts import expert_parameters
 from samora.backbones import PRESETS, CheckpointError
 from samora.config import EXPERTS, ConfigError, ModelConfig
 from samora.engine.embeddings import EmbeddingStore, encoder_fingerprint
+from samora.engine.encoder_path import PATHS, PathEncoder
 from samora.engine.train import FinetuneConfig, LabeledSlices, finetune
 from samora.metrics import class_metrics
 from samora.model import SamoraModel
@@ -234,3 +235,14 @@ def test_day_one_3d_roi_prompt_segments_the_liver_of_real_ct(shared_data, tmp_pa
     score = class_metrics((mask > 0).astype(np.uint8), truth.astype(np.uint8), 1)["dice"]
     print(f"3D ROI liver Dice {score:.4f} over {len(info['slices'])} slices")
     assert score >= 0.88
+
+
+def test_the_onnx_encoder_path_takes_a_batch_of_real_weight_slices(model):
+    """LiteMedSAM's encoder exported to ONNX answers a batch of two slices as the model does (TinyViT's patch merging
+    bakes the traced batch size into the graph, so the path runs slice by slice)."""
+    images = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    exported = PathEncoder(model, PATHS["onnx"])(images)
+    with torch.no_grad():
+        reference = model.encode(images)
+    assert exported.shape == reference.shape == (2, 256, 64, 64)
+    assert float((exported - reference).norm() / reference.norm()) < 1e-4
