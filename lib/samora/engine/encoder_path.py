@@ -121,7 +121,7 @@ class PathEncoder:
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != size:
             raise ValueError(f"expected images (B, 3, {size}, {size}), got {tuple(images.shape)}")
         if self.onnx is not None:
-            return self.onnx(images).contiguous()
+            return self.onnx(images)  # a fresh contiguous float32 array from ONNX Runtime
         if self.path.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():

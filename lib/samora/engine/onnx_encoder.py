@@ -67,8 +67,7 @@ class OnnxEncoder:
         options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
-        self.export_seconds = time.perf_counter() - start
-        log.info("encoder exported to ONNX in %.1f s", self.export_seconds)
+        log.info("encoder exported to ONNX in %.1f s", time.perf_counter() - start)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         array = np.ascontiguousarray(images.detach().cpu().float().numpy())
