@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,10 +37,12 @@ from report import PSEUDO_LABEL_NOTE, RANDOM_BACKBONE_NOTE, fmt_ms, header_lines
 from ssl_runs import SSLSpec, build_ssl_cache, spec_dict, ssl_dir, ssl_job, ssl_spec_for
 from stats import as_float, finite, mean_std
 
+# the bf16-training rows are the CPU-sized form of the real-weight full-stage rows; the random-backbone runs skip them
+FP32_METHODS = [key for key, method in METHODS.items() if method.precision == "fp32"]
 DEFAULTS = {
     "seeds": [0, 1, 2],
     "budgets": [0.05, 0.1, 1.0],
-    "methods": list(METHODS),
+    "methods": FP32_METHODS,
     "image_size": 128,
     "steps": 320,
     "batch_size": 2,
@@ -56,7 +58,10 @@ DEFAULTS = {
 REAL = {
     "seeds": [0, 1, 2],
     "budgets": [0.05, 0.1, 1.0],
-    "methods": ["zeroshot", "heads", "samora_cached", "unet", "segresnet", "samed", "samora", "hsam_ssl"],
+    "methods": [
+        *("zeroshot", "heads", "samora_cached", "unet", "segresnet", "samed", "samora", "hsam_ssl"),
+        *("samed_bf16", "samora_bf16", "hsam_ssl_bf16"),
+    ],
     "image_size": 256,
     "steps": 300,
     "batch_size": 2,
@@ -71,7 +76,7 @@ FULL_STAGE_CPU = (0.1, 0)  # (budget, seed) of the full-stage rows on a CPU
 QUICK = {
     "seeds": [0],
     "budgets": [0.1, 1.0],
-    "methods": list(METHODS),  # the real-weight rows too, on the tiny backbone (cached mode, SegResNet, prompts)
+    "methods": FP32_METHODS,  # the real-weight rows too, on the tiny backbone (cached mode, SegResNet, prompts)
     "image_size": 64,
     "steps": 6,
     "batch_size": 2,
@@ -98,6 +103,10 @@ RELATIVE_COST = {  # step cost relative to (a), measured on this machine (to sta
     "hsam": 1.7,
     "hsam_ssl": 2.0,
     "unet": 2.2,
+    # bf16 training: a third of the fp32 step (measured on this machine's avx512_bf16)
+    "samed_bf16": 0.35,
+    "samora_bf16": 0.5,
+    "hsam_ssl_bf16": 0.7,
 }
 
 
@@ -382,7 +391,7 @@ def job_model(spec: Method, *, case: SimpleNamespace, seed: int, settings: dict[
         seed=seed,
         preset=settings["preset"],
         checkpoint=settings["checkpoint"],
-        experts_dir=settings["experts"].get(str(seed)) if spec.ssl else None,
+        experts_dir=settings["experts"].get(ssl_key(seed, spec.precision)) if spec.ssl else None,
     )
 
 
@@ -397,6 +406,7 @@ def job_finetune_config(spec: Method, *, n_slices: int, seed: int, settings: dic
         mode=spec.train_mode,
         embedding_dir=settings["embedding_dir"] if spec.train_mode == "cached" else None,
         device=settings["device"],
+        precision=spec.precision,
     )
 
 
@@ -536,7 +546,7 @@ def fewshot_jobs(base: dict[str, Any], settings: dict[str, Any]) -> list[Job]:
             job_key(method, budget, seed),
             run_fewshot_job,
             {"method": method, "budget": budget, "seed": seed, "settings": settings},
-            after=(f"ssl/{seed}",) if METHODS[method].ssl else (),
+            after=(f"ssl/{ssl_key(seed, METHODS[method].precision)}",) if METHODS[method].ssl else (),
             cost=RELATIVE_COST.get(method, 1.0),
         )
         for seed in base["seeds"]
@@ -570,14 +580,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     case = load_case(data, window_for(preset))
     split = split_slabs(case.labels.shape[case.axis])
     epoch_steps = math.ceil(len(split.train) / base["batch_size"])
-    needs_ssl = any(METHODS[m].ssl for m in base["methods"])
+    needs_ssl = bool(ssl_precisions(base))
     spec = ssl_spec_for(base, preset=preset, checkpoint=args.checkpoint, data=data, window_hu=window_for(preset))
     ssl_info = build_ssl_cache(work, spec) if needs_ssl else None
     settings = job_settings(args, base=base, preset=preset, spec=spec, epoch_steps=epoch_steps)
-    ssl_jobs = [
-        ssl_job(key=f"ssl/{seed}", work=work, spec=spec, seed=seed) for seed in (base["seeds"] if needs_ssl else ())
-    ]
-    jobs = ssl_jobs + fewshot_jobs(base, settings)
+    jobs = ssl_jobs_for(base, work=work, spec=spec) + fewshot_jobs(base, settings)
     print(f"fewshot: {len(jobs)} jobs on {args.workers} workers x {args.threads} thread(s)", flush=True)
     journal, done = open_fewshot_journal(args, base=base, settings=settings, jobs=jobs)
     context = {"args": args, "base": base, "settings": settings, "spec": spec, "ssl_info": ssl_info, "split": split}
@@ -594,6 +601,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results = run_jobs(jobs, workers=args.workers, threads=args.threads, on_result=on_result, done=done)
     return make_record(context, results)
+
+
+def ssl_key(seed: int, precision: str) -> str:
+    """The experts' name of one seed and training precision ("0", "0/bf16"; fp32 keeps the earlier keys)."""
+    return str(seed) if precision == "fp32" else f"{seed}/{precision}"
+
+
+def ssl_precisions(base: dict[str, Any]) -> list[str]:
+    """The training precisions of the listed SAMora variants, each of which needs its own SSL experts."""
+    return sorted({METHODS[m].precision for m in base["methods"] if METHODS[m].ssl})
+
+
+def ssl_jobs_for(base: dict[str, Any], *, work: Path, spec: SSLSpec) -> list[Job]:
+    """One SSL job per seed and precision that a listed SAMora variant needs."""
+    return [
+        ssl_job(key=f"ssl/{ssl_key(seed, p)}", work=work, spec=replace(spec, precision=p), seed=seed)
+        for seed in base["seeds"]
+        for p in ssl_precisions(base)
+    ]
 
 
 def job_settings(
@@ -614,7 +640,11 @@ def job_settings(
         "device": args.device,
         "preset": preset,
         "checkpoint": args.checkpoint,
-        "experts": {str(s): str(ssl_dir(work, spec, s)) for s in base["seeds"]},
+        "experts": {
+            ssl_key(s, p): str(ssl_dir(work, replace(spec, precision=p), s))
+            for s in base["seeds"]
+            for p in {m.precision for m in METHODS.values()}
+        },
         # held-out curves (bench/efficiency.py) where the full-stage rows run: 100%, or 10% on a CPU
         "curve_budgets": [FULL_STAGE_CPU[0] if base["full_stage"] == "cpu" else 1.0],
         "epoch_steps": epoch_steps,

@@ -26,11 +26,15 @@ class SSLSpec:
     lr: float = 1e-3
     studies: tuple[str, ...] = field(default_factory=tuple)
     window_hu: tuple[float, float] = ABDOMEN_WINDOW_HU
+    precision: str = "fp32"  # samora.engine.precision.TRAIN_PRECISIONS
 
     def tag(self) -> str:
         """Folder-name signature (experts of another configuration are never picked up by mistake)."""
         ckpt = f"_{Path(self.checkpoint).stem}" if self.checkpoint else ""
-        return f"{self.preset}{ckpt}_S{self.image_size}_steps{self.steps}_bs{self.batch_size}{self.window_tag()}"
+        # fp32 leaves the name as it was, so that earlier folders stay valid
+        precision = "" if self.precision == "fp32" else f"_{self.precision}"
+        size = f"_S{self.image_size}_steps{self.steps}_bs{self.batch_size}"
+        return f"{self.preset}{ckpt}{size}{self.window_tag()}{precision}"
 
     def window_tag(self) -> str:
         """'' for the abdominal window (earlier folders stay valid), else the window in HU."""
@@ -124,7 +128,13 @@ def run_ssl_job(work: str, spec: dict[str, Any], seed: int) -> dict[str, Any]:
         str(ssl_cache_dir(Path(work), spec_obj)),
         ssl_dir(Path(work), spec_obj, seed),
         config,
-        SSLSettings(batch_size=spec_obj.batch_size, lr=spec_obj.lr, seed=seed, checkpoint_every=10**9),
+        SSLSettings(
+            batch_size=spec_obj.batch_size,
+            lr=spec_obj.lr,
+            seed=seed,
+            checkpoint_every=10**9,
+            precision=spec_obj.precision,
+        ),
         max_steps=spec_obj.steps,
         hooks=SILENT,
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
+from samora.engine.precision import check_precision
+
 EXPERTS: tuple[str, ...] = ("image", "patch", "pixel")
 FUSION_MODES: tuple[str, ...] = ("reduced", "full", "sum", "image", "patch", "pixel", "none")
 DECODERS: tuple[str, ...] = ("samed", "hsam")
@@ -127,6 +129,7 @@ class SSLSettings:
     seed: int = 0
     num_workers: int = 0
     heldout_slices: int | None = None  # held-out evaluation on at most this many evenly spaced slices (None: all)
+    precision: str = "fp32"  # "bf16": the objective's forward under bf16 autocast (samora.engine.precision)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -135,6 +138,7 @@ class SSLSettings:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        check_precision(self.precision)
 
 
 def expert_levels(levels: str | Sequence[str]) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from samora.engine import onnx_encoder
+from samora.engine.precision import cpu_supports_bf16
 from samora.model import SamoraModel
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,6 @@ PATHS: dict[str, EncoderPath] = {
     )
 }
 CHOICES = ("auto", *PATHS)
-
-
-def cpu_supports_bf16() -> bool:
-    """oneDNN has bf16 kernels for this CPU (avx512_bf16 / AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def candidates(device: str | torch.device) -> list[str]:

@@ -31,6 +31,7 @@ from samora.engine.labeled import (
     slices_from_arrays,
 )
 from samora.engine.losses import PromptLoss, SegmentationLoss
+from samora.engine.precision import check_precision, training_autocast
 from samora.engine.prompts import simulate_prompt
 from samora.engine.segmenter import Segmenter
 from samora.model import SamoraModel
@@ -86,10 +87,13 @@ class FinetuneConfig:
     # slices per step the prompt path trains on (None: the whole batch); a pretrained prompt path needs little
     # adaptation, and each prompt decode costs as much as the head's on a CPU
     prompt_slices: int | None = None
+    # "bf16": forward passes (steps and the best-epoch check) under bf16 autocast; see samora.engine.precision
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"invalid fine-tuning config: {asdict(self)}")
+        check_precision(self.precision)
         if self.mode not in TRAIN_MODES:
             raise ValueError(f"fine-tuning mode {self.mode!r} is not one of {TRAIN_MODES}")
 
@@ -252,6 +256,11 @@ class _StepModule(torch.nn.Module):
         return out, extra
 
 
+def _fp32(value):
+    """A floating tensor as float32; anything else as it is."""
+    return value.float() if torch.is_tensor(value) and value.is_floating_point() else value
+
+
 def _rank_rows(batch: np.ndarray, ctx: DistContext) -> tuple[np.ndarray, list[int]]:
     """Positions in the global batch of this rank's rows (DistributedSampler's interleaving), padded with
     position 0 to the largest rank's count so that every rank runs the same shapes; and every rank's real count."""
@@ -325,7 +334,8 @@ def _train_loop(model, train, config, val, on_epoch, should_stop, on_encode, ctx
     best = {"metric": -math.inf, "epoch": -1, "state": None}
     for epoch in range(config.epochs):
         losses = stepper.epoch(epoch, should_stop)
-        metric = evaluate_slices(model, check, config.batch_size, device, check_emb)
+        with training_autocast(config.precision, device):
+            metric = evaluate_slices(model, check, config.batch_size, device, check_emb)
         record = {
             "epoch": epoch + 1,
             "total_epochs": config.epochs,
@@ -394,10 +404,12 @@ class _Stepper:
             batch = order[b : b + config.batch_size]
             positions, counts = _rank_rows(batch, ctx)
             x, y = self.batches(batch[positions], [_sample_seed(config.seed, self.step, int(p)) for p in positions])
-            out, extra = self.step_module(x, y, counts[ctx.rank], self.prompt_rng)
+            with training_autocast(config.precision, config.device):
+                out, extra = self.step_module(x, y, counts[ctx.rank], self.prompt_rng)
+            out = {k: _fp32(v) for k, v in out.items()}  # the losses in fp32 whatever the forward's precision
             loss = self.seg_loss(*_gathered(out, y, counts, ctx), epoch, self.hsam)
             if extra is not None:
-                loss = loss + extra
+                loss = loss + extra.float()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)

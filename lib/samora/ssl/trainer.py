@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from samora.adapters.experts import expert_parameters, expert_state, load_expert_state
 from samora.config import DEFAULT_SSL_EPOCHS, EXPERTS, SSLSettings
 from samora.distributed.context import any_rank, context, main_first, mean_over_ranks, wrap_ddp
+from samora.engine.precision import training_autocast
 from samora.plots import read_loss_log
 from samora.schedule import warmup_poly, warmup_steps
 from samora.ssl.batches import BatchMaker, ObjectiveStep, StepBatches, step_generator
@@ -284,8 +285,9 @@ class _ExpertRun:
         generator = step_generator(settings.seed, self.level, self.step)
         batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
         lr = self.optimizer.param_groups[0]["lr"]
-        terms = step_module(batch, generator)
-        loss = terms["loss"]
+        with training_autocast(settings.precision, self.device):
+            terms = step_module(batch, generator)
+        loss = terms["loss"].float()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"[{self.level}] non-finite loss {loss.item()} at step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
