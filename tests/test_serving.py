@@ -70,6 +70,22 @@ def test_defaults_serve_litemedsam_with_a_training_mode_per_device():
     assert AppSettings.from_conf({"preset": "tiny"}).image_size == 128
 
 
+def test_training_precision_is_bf16_only_through_the_encoder_and_where_native(monkeypatch):
+    import samora.serving.settings as settings_module
+
+    with pytest.raises(SettingsError, match="train_precision"):
+        AppSettings.from_conf({"train_precision": "fp16"})
+    assert AppSettings.from_conf({}).resolved_precision(through_encoder=True) == "fp32"  # opt-in
+    forced = AppSettings.from_conf({"train_precision": "bf16"})
+    assert forced.resolved_precision(through_encoder=True) == "bf16"
+    assert forced.resolved_precision(through_encoder=False) == "fp32"  # cached-mode heads gain nothing
+    auto = AppSettings.from_conf({"train_precision": "auto"})
+    monkeypatch.setattr(settings_module, "supports_bf16", lambda device: False)
+    assert auto.resolved_precision(through_encoder=True) == "fp32"  # never emulated bf16
+    monkeypatch.setattr(settings_module, "supports_bf16", lambda device: True)
+    assert auto.resolved_precision(through_encoder=True) == "bf16"
+
+
 def test_remap_by_name_follows_viewer_order():
     viewer = np.array([[1, 2], [3, 0]])
     info = [{"name": "Spleen", "idx": 1}, {"name": "liver", "idx": 2}, {"name": "tumour", "idx": 3}]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from samora.cli_pretrain import add_nproc_argument, model_config
 from samora.config import CONTEXTS, ModelConfig
+from samora.engine.precision import TRAIN_PRECISIONS
 from samora.engine.train import TRAIN_MODES
 
 
@@ -31,6 +32,7 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--batch-size", type=int, default=8, help="global batch, split over the processes")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=TRAIN_PRECISIONS, help="bf16: autocast forward passes")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     add_nproc_argument(p)
     p.set_defaults(func=run_finetune)
@@ -61,6 +63,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             mode=args.mode,
             device=rank_device(args.device),
             embedding_dir=str(args.out / "embeddings"),
+            precision=args.precision,
         )
         result = finetune(model, LabeledSlices.open(slices_dir), settings)
         if ctx.is_main:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from samora.config import CONTEXTS, EXPERTS, ModelConfig, SSLSettings, expert_levels
+from samora.engine.precision import TRAIN_PRECISIONS
 
 if TYPE_CHECKING:
     from samora.data import IntensityWindow
@@ -43,6 +44,9 @@ def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     p.add_argument("--num-workers", type=int, default=SSLSettings.num_workers, help="data-loader worker processes")
     p.add_argument("--seed", type=int, default=SSLSettings.seed)
+    p.add_argument(
+        "--precision", default=SSLSettings.precision, choices=TRAIN_PRECISIONS, help="bf16: autocast forward passes"
+    )
     p.add_argument("--window", default="auto", choices=_WINDOWS, help="CT intensity window (auto: per modality)")
     p.add_argument("--teacher", default=None, help="optional trained ResNet state dict for image-level distillation")
     p.add_argument("--teacher-arch", default="resnet50", help="torchvision architecture of --teacher")
@@ -107,6 +111,7 @@ def _pretrain(pretrain, args: argparse.Namespace, config: ModelConfig, levels: t
         checkpoint_every=args.checkpoint_every,
         num_workers=args.num_workers,
         seed=args.seed,
+        precision=args.precision,
     )
     return pretrain(
         args.studies,

@@ -132,6 +132,7 @@ def finetune_config(runtime: Any, request: FinetuneRequest, nproc: int) -> Finet
         embedding_dir=str(runtime.store.root / "embeddings"),
         threads=max(1, (os.cpu_count() or 1) // nproc) if cached else None,
         prompt_slices=2 if cached and settings.pretrained else None,
+        precision=settings.resolved_precision(through_encoder=not cached),
     )
 
 

@@ -69,7 +69,10 @@ class SamoraBootstrapTrainer(TrainTask):
             "out_dir": str(self.runtime.store.experts_dir),
             "model_config": self.runtime.settings.model_config().to_dict(),
             "levels": list(EXPERTS),
-            "settings": {"batch_size": params["batch_size"]},
+            "settings": {
+                "batch_size": params["batch_size"],
+                "precision": self.runtime.settings.resolved_precision(through_encoder=True),
+            },
             "max_steps": params["max_steps"],
             "device": self.runtime.settings.device,
         }
