@@ -102,3 +102,20 @@ def test_the_onnx_path_says_what_it_needs_where_it_cannot_run(model, monkeypatch
     with pytest.raises(RuntimeError, match="needs the onnx and onnxruntime packages"):
         PathEncoder(model, PATHS["onnx"])
     assert "onnx" not in encoder_path.candidates("cpu")
+
+
+def test_the_runtime_serves_the_encoder_the_probe_built_and_never_builds_it_twice(model, monkeypatch, tmp_path):
+    """An ONNX export costs ~12 s with real weights: the probe's encoder of the chosen path is the one served."""
+    from samora.serving.runtime import ModelRuntime
+
+    result = probe(model, "cpu", ["fp32", "onnx"])
+    assert set(result.to_dict()) == {"chosen", "forced", "device", "rows"}  # /info shows no encoder object
+    runtime = ModelRuntime(AppSettings.from_conf({"preset": "tiny", "image_size": "64"}), tmp_path)
+    runtime.encoder_choice = result
+    monkeypatch.setattr(runtime, "model", lambda: (0, model))
+    built = []
+    monkeypatch.setattr(encoder_path.PathEncoder, "__init__", lambda *a, **k: built.append(a) or None)
+    served = runtime.encoder()
+    assert served.path.name == result.chosen and served.model is model and built == []
+    other = SamoraModel(ModelConfig(preset="tiny", image_size=64, labels={"liver": 1})).eval()
+    assert result.take_encoder(other) is None  # handed out once, and only for the model it was built for

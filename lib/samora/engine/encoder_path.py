@@ -11,7 +11,7 @@ import contextlib
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -86,6 +86,8 @@ class PathEncoder:
 
     def __init__(self, model: SamoraModel, path: EncoderPath, device: str | torch.device = "cpu") -> None:
         self.path, self.device, self.model = path, torch.device(device), model
+        if path.engine == "onnxruntime":
+            self._check_onnx_runs_here()  # before copying the encoder for nothing
         encoder = model.backbone.encoder
         if path.fused or path.channels_last:
             encoder = copy.deepcopy(encoder).eval()
@@ -96,11 +98,13 @@ class PathEncoder:
         self.encoder = encoder
         self.onnx = self._exported(model, path) if path.engine == "onnxruntime" else None
 
-    def _exported(self, model: SamoraModel, path: EncoderPath) -> onnx_encoder.OnnxEncoder:
+    def _check_onnx_runs_here(self) -> None:
         if self.device.type != "cpu":
-            raise ValueError(f"encoder path {path.name!r} runs on the CPU only, not on {self.device}")
+            raise ValueError(f"encoder path {self.path.name!r} runs on the CPU only, not on {self.device}")
         if not onnx_encoder.available():
-            raise RuntimeError(f"encoder path {path.name!r} needs the onnx and onnxruntime packages")
+            raise RuntimeError(f"encoder path {self.path.name!r} needs the onnx and onnxruntime packages")
+
+    def _exported(self, model: SamoraModel, path: EncoderPath) -> onnx_encoder.OnnxEncoder:
         return onnx_encoder.OnnxEncoder(type(model.backbone), self.encoder, model.config.image_size)
 
     def _autocast(self):
@@ -131,9 +135,16 @@ class ProbeResult:
     forced: bool
     device: str
     rows: list[dict] = field(default_factory=list)
+    # the chosen path's encoder as the probe built it, handed to the first user (an ONNX export costs ~12 s)
+    built: PathEncoder | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"chosen": self.chosen, "forced": self.forced, "device": self.device, "rows": copy.deepcopy(self.rows)}
+
+    def take_encoder(self, model: SamoraModel) -> PathEncoder | None:
+        """The encoder the probe built for `model`, once (later model versions build their own); else None."""
+        built, self.built = self.built, None
+        return built if built is not None and built.model is model else None
 
 
 def _probe_images(model: SamoraModel, batch: int, device) -> torch.Tensor:
@@ -158,14 +169,15 @@ def probe(
     """Time each candidate path, check its embedding against fp32, choose the fastest within TOLERANCE."""
     names = names or candidates(device)
     images = _probe_images(model, batch, device)
-    reference_seconds, reference = _time(PathEncoder(model, PATHS["fp32"], device), images, repeats)
+    built = {"fp32": PathEncoder(model, PATHS["fp32"], device)}
+    reference_seconds, reference = _time(built["fp32"], images, repeats)
     rows = [{"path": "fp32", "s_per_slice": reference_seconds, "relative_error": 0.0, "ok": True}]
     for name in names:
         if name == "fp32":
             continue
         try:
             start = time.perf_counter()
-            encoder = PathEncoder(model, PATHS[name], device)
+            encoder = built[name] = PathEncoder(model, PATHS[name], device)
             prepare_seconds = time.perf_counter() - start  # the BN fold, or the ONNX export
             seconds, out = _time(encoder, images, repeats)
             error = float((out - reference).norm() / reference.norm().clamp_min(1e-12))
@@ -181,7 +193,7 @@ def probe(
     # a lossy path must win clearly: near-equal timings would otherwise flip the choice (and the masks' last
     # pixels) from one restart to the next
     chosen = fastest["path"] if fastest["s_per_slice"] < LOSSY_MARGIN * exact["s_per_slice"] else exact["path"]
-    return ProbeResult(chosen=chosen, forced=False, device=str(device), rows=rows)
+    return ProbeResult(chosen=chosen, forced=False, device=str(device), rows=rows, built=built[chosen])
 
 
 def select(model: SamoraModel, device: str | torch.device, setting: str = "auto") -> ProbeResult:

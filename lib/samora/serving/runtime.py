@@ -84,7 +84,8 @@ class ModelRuntime:
                 self.encoder_choice = select_encoder_path(model, self.settings.device, self.settings.encoder_path)
                 log.info("encoder path: %s", self.encoder_choice.chosen)
             if self._encoder is None or self._encoder.model is not model:
-                self._encoder = PathEncoder(model, PATHS[self.encoder_choice.chosen], self.settings.device)
+                built = self.encoder_choice.take_encoder(model)  # the probe's: not exported or folded twice
+                self._encoder = built or PathEncoder(model, PATHS[self.encoder_choice.chosen], self.settings.device)
             return self._encoder
 
     def encoder_info(self) -> dict:
