@@ -306,3 +306,18 @@ def test_model_info_cli_vit_b():
         timeout=300,
     )
     assert report["components"]["fusion"] < json.loads(full.stdout)["components"]["fusion"]
+
+
+def test_the_dense_positional_encoding_is_computed_once_and_follows_its_buffer():
+    from samora.decoders.two_way import dense_pe
+
+    prompt_encoder = tiny().backbone.prompt_encoder
+    first = dense_pe(prompt_encoder)
+    torch.testing.assert_close(first, prompt_encoder.get_dense_pe())
+    assert dense_pe(prompt_encoder) is first  # cached: no recomputation per decoded slice
+    assert not any("dense_pe" in k for k in prompt_encoder.state_dict())
+    with torch.no_grad():  # a loaded checkpoint overwrites the buffer in place: the cache must notice
+        prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(2)
+    again = dense_pe(prompt_encoder)
+    assert again is not first
+    torch.testing.assert_close(again, prompt_encoder.get_dense_pe())

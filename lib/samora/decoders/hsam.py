@@ -13,6 +13,7 @@ from segment_anything.modeling.transformer import Attention
 from torch import nn
 
 from samora.decoders.samed import SamedHead
+from samora.decoders.two_way import dense_pe
 
 
 class BiasedAttention(Attention):
@@ -149,7 +150,7 @@ class HsamHead(nn.Module):
         token_pe = self.class_tokens.weight.unsqueeze(0).expand(b, -1, -1)
         tokens = token_pe + s1["mask_tokens"]
         image = x.flatten(2).transpose(1, 2)
-        image_pe = prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2).expand(b, -1, -1)
+        image_pe = dense_pe(prompt_encoder).flatten(2).transpose(1, 2).expand(b, -1, -1)
         log_prior = prior.clamp_min(1e-4).log().flatten(2)
         for block in self.blocks:
             tokens, image = block(tokens, image, token_pe, image_pe, log_prior)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
 from torch import nn
 
-from samora.decoders.two_way import decode_masks
+from samora.decoders.two_way import decode_masks, dense_pe
 
 
 class PromptHead(nn.Module):
@@ -33,7 +33,7 @@ class PromptHead(nn.Module):
         sparse, dense = prompt_encoder(points=points, boxes=boxes, masks=None)
         if sparse.shape[0] != b:
             raise ValueError(f"prompt batch {sparse.shape[0]} != image batch {b}")
-        return decode_masks(self.decoder, embedding, prompt_encoder.get_dense_pe(), sparse, dense)
+        return decode_masks(self.decoder, embedding, dense_pe(prompt_encoder), sparse, dense)
 
     def best_mask(self, out: dict[str, torch.Tensor], multimask: bool = False) -> torch.Tensor:
         """One full-size logit map per image: token 0, or the best-scored of tokens 1-3 for ambiguous clicks."""

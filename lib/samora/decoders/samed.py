@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
 from torch import nn
 
-from samora.decoders.two_way import decode_masks, empty_prompt
+from samora.decoders.two_way import decode_masks, dense_pe, empty_prompt
 
 
 class SamedHead(nn.Module):
@@ -34,7 +34,7 @@ class SamedHead(nn.Module):
 
     def forward(self, embedding: torch.Tensor, prompt_encoder: nn.Module) -> dict[str, torch.Tensor]:
         sparse, dense = empty_prompt(prompt_encoder, embedding.shape[0])
-        out = decode_masks(self.decoder, embedding, prompt_encoder.get_dense_pe(), sparse, dense)
+        out = decode_masks(self.decoder, embedding, dense_pe(prompt_encoder), sparse, dense)
         size = (self.image_size, self.image_size)
         out["logits"] = F.interpolate(out["low_res_logits"], size=size, mode="bilinear", align_corners=False)
         return out
