@@ -34,8 +34,15 @@ PAIRS = (  # (variant, reference: the run whose final Dice sets the 90% target)
     ("hsam_ssl", "samed"),
     ("samora_cached", "samed"),  # real weights: the cheap mode trains on cached embeddings, same step budget
     ("heads", "samed"),
+    # bf16-trained full-stage rows (real weights on a CPU): against the reference in the same precision, and fp32's
+    ("samora_bf16", "samed_bf16"),
+    ("hsam_ssl_bf16", "samed_bf16"),
+    ("samora_bf16", "samed"),
 )
-CURVE_METHODS = ("samed", "samora", "samora_ft", "samora_sum", "hsam", "hsam_ssl", "unet", "samora_cached", "heads")
+CURVE_METHODS = (
+    *("samed", "samora", "samora_ft", "samora_sum", "hsam", "hsam_ssl", "unet", "samora_cached", "heads"),
+    *("samed_bf16", "samora_bf16", "hsam_ssl_bf16"),
+)
 
 
 def method_curves(fewshot_record: dict, budget: float = 1.0) -> dict[str, dict[str, Any]]:

@@ -21,8 +21,10 @@ from stats import mean_std
 
 PRESET = "litemedsam"
 HEADLINE_BUDGET = 0.1
-SAMORA_MODES = ("samora_cached", "samora", "hsam_ssl")  # the better of them is "SAMora" in the targets
-ROW_ORDER = ("samora_cached", "samora", "hsam_ssl", "samed", "heads", "unet", "segresnet", "zeroshot")
+# the better of them is "SAMora" in the targets; the bf16 rows are the full-stage ones trained in bf16 on a CPU
+SAMORA_MODES = ("samora_cached", "samora", "hsam_ssl", "samora_bf16", "hsam_ssl_bf16")
+SAMED_ROWS = ("samed", "samed_bf16")  # the SAMed-style reference, in each precision that ran
+ROW_ORDER = (*SAMORA_MODES, *SAMED_ROWS, "heads", "unet", "segresnet", "zeroshot")
 TARGETS = {"vs_unet": 0.15, "vs_samed": 0.03, "epoch_share": 0.30, "label_share": 0.70}
 
 
@@ -74,7 +76,7 @@ def fewshot_answers(few: dict) -> list[str]:
     mode, dice = best
     seeds = large_dice(few, mode, b)[2]
     lines = [f"SAMora's better mode at {100 * b:g}% of the labelled slices is `{mode}` ({dice:.3f}, {seeds} seed(s))."]
-    for other, key in (("unet", "vs_unet"), ("samed", "vs_samed")):
+    for other, key in (("unet", "vs_unet"), *((samed, "vs_samed") for samed in SAMED_ROWS)):
         ref, _, n = large_dice(few, other, b)
         if not n:
             lines.append(f"Against `{other}`: not measured (no run at {100 * b:g}%).")
@@ -91,16 +93,17 @@ def efficiency_answers(eff: dict) -> list[str]:
     """Epochs each variant needs to reach 90% of the SAMed-style run's final held-out Dice."""
     lines = []
     for p in eff["analysis"]["pairs"]:
-        if p["reference"] != "samed":
+        if p["reference"] not in SAMED_ROWS:
             continue
         total, reached = p["total_epochs"], p["ssl_epochs_to_target"]
         if reached is None:
-            lines.append(f"`{p['ssl_method']}` never reaches 90% of `samed`'s final held-out Dice "
+            lines.append(f"`{p['ssl_method']}` never reaches 90% of `{p['reference']}`'s final held-out Dice "
                          f"({p['target_dice']:.3f}) within {total:.1f} epochs: target **missed**.")  # fmt: skip
             continue
         share = reached / total
         lines.append(
-            f"`{p['ssl_method']}` reaches 90% of `samed`'s final held-out Dice ({p['target_dice']:.3f}) after "
+            f"`{p['ssl_method']}` reaches 90% of `{p['reference']}`'s final held-out Dice ({p['target_dice']:.3f}) "
+            "after "
             f"{reached:.1f} of {total:.1f} epochs ({share:.0%}; target <= {TARGETS['epoch_share']:.0%}: "
             f"**{'met' if share <= TARGETS['epoch_share'] else 'missed'}**)."
         )
