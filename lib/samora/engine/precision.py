@@ -9,6 +9,7 @@ convolutions in bf16 and keeps reductions (norms, softmax, losses) in fp32.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -47,5 +48,11 @@ def training_autocast(precision: str, device: str | torch.device) -> contextlib.
         return contextlib.nullcontext()
     device = torch.device(device)
     if not supports_bf16(device):
-        log.warning("bf16 training on %s without native bf16 arithmetic: emulated, likely slower than fp32", device)
+        _warn_emulated(device.type)
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@functools.cache
+def _warn_emulated(device_type: str) -> None:
+    """Once per process and device type: the context is entered at every training step."""
+    log.warning("bf16 training on %s without native bf16 arithmetic: emulated, likely slower than fp32", device_type)
