@@ -105,7 +105,7 @@ def test_the_onnx_path_says_what_it_needs_where_it_cannot_run(model, monkeypatch
 
 
 def test_the_runtime_serves_the_encoder_the_probe_built_and_never_builds_it_twice(model, monkeypatch, tmp_path):
-    """An ONNX export costs ~12 s with real weights: the probe's encoder of the chosen path is the one served."""
+    """An ONNX export of real weights costs seconds: the probe's encoder of the chosen path is the one served."""
     from samora.serving.runtime import ModelRuntime
 
     result = probe(model, "cpu", ["fp32", "onnx"])
