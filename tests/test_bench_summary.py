@@ -20,13 +20,18 @@ def _write(folder: Path, name: str, record: dict) -> None:
     (folder / name).write_text(json.dumps(record))
 
 
+def _summary_of(folder: Path, runs: list[dict]) -> str:
+    """The summary of a few-shot record at 10% holding `runs` (every method titled by its key)."""
+    methods = {r["method"]: r["method"] for r in runs}
+    few = {"settings": {"budgets": [0.1]}, "methods": methods, "runs": runs, "machine": MACHINE}
+    _write(folder, "fewshot_litemedsam.json", few)
+    return real_summary.render(folder)
+
+
 def test_targets_are_judged_from_the_numbers(tmp_path: Path) -> None:
     runs = [_run("samora_cached", 0.1, s, 0.40 + 0.01 * s) for s in (0, 1)]
     runs += [_run("unet", 0.1, 0, 0.20), _run("samed", 0.1, 0, 0.39), _run("heads", 0.1, 0, 0.35)]
-    methods = {m: m for m in ("samora_cached", "unet", "samed", "heads")}
-    few = {"settings": {"budgets": [0.1]}, "methods": methods, "runs": runs, "machine": MACHINE}
-    _write(tmp_path, "fewshot_litemedsam.json", few)
-    text = real_summary.render(tmp_path)
+    text = _summary_of(tmp_path, runs)
     assert "| samora_cached | 0.405 ± 0.005 / 0.355 (2 seeds) |" in text
     assert "Against `unet` (0.200): +0.205 large-organ mean Dice; target >= +0.15: **met**" in text
     assert "Against `samed` (0.390): +0.015 large-organ mean Dice; target >= +0.03: **missed**" in text
@@ -44,10 +49,7 @@ def test_nothing_to_say_without_the_real_weight_record(tmp_path: Path) -> None:
 def test_the_bf16_full_stage_row_counts_as_samora_and_samed_is_judged_in_both_precisions(tmp_path: Path) -> None:
     runs = [_run("samora_cached", 0.1, 0, 0.37), _run("samora_bf16", 0.1, 0, 0.45)]
     runs += [_run("samed", 0.1, 0, 0.42), _run("samed_bf16", 0.1, 0, 0.40), _run("unet", 0.1, 0, 0.20)]
-    methods = {m: m for m in ("samora_cached", "samora_bf16", "samed", "samed_bf16", "unet")}
-    few = {"settings": {"budgets": [0.1]}, "methods": methods, "runs": runs, "machine": MACHINE}
-    _write(tmp_path, "fewshot_litemedsam.json", few)
-    text = real_summary.render(tmp_path)
+    text = _summary_of(tmp_path, runs)
     assert "SAMora's better mode at 10% of the labelled slices is `samora_bf16` (0.450, 1 seed(s))" in text
     assert "Against `samed` (0.420): +0.030 large-organ mean Dice; target >= +0.03: **met**" in text
     assert "Against `samed_bf16` (0.400): +0.050 large-organ mean Dice; target >= +0.03: **met**" in text

@@ -11,7 +11,7 @@ import contextlib
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 
 import torch
@@ -139,7 +139,8 @@ class ProbeResult:
     built: PathEncoder | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return {"chosen": self.chosen, "forced": self.forced, "device": self.device, "rows": copy.deepcopy(self.rows)}
+        # every field but the built encoder (which asdict would try to deep-copy, ONNX session included)
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "built"}
 
     def take_encoder(self, model: SamoraModel) -> PathEncoder | None:
         """The encoder the probe built for `model`, once (later model versions build their own); else None."""
