@@ -48,3 +48,15 @@ def test_other_settings_or_a_fresh_start_forget_the_journal(tmp_path):
 def test_duplicate_keys_are_refused():
     with pytest.raises(ValueError, match="unique"):
         run_jobs(_jobs() + _jobs()[:1], 1, 1)
+
+
+def test_a_journaled_ssl_job_runs_again_where_its_experts_are_missing(tmp_path):
+    from fewshot import without_missing_experts  # a bench module that imports torch: loaded only here
+
+    here, gone = tmp_path / "seed0", tmp_path / "seed0_bf16"
+    here.mkdir()
+    (here / "pretrain_summary.json").write_text("{}")
+    done = {"ssl/0": {"seconds": 1}, "ssl/0/bf16": {"seconds": 2}, "samed/0.1/0": {"mean_dice": 0.4}}
+    kept = without_missing_experts(done, {"0": str(here), "0/bf16": str(gone)})
+    assert sorted(kept) == ["samed/0.1/0", "ssl/0"]
+    assert "ssl/0/bf16" in done  # the caller's record of finished jobs is left alone

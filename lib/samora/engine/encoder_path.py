@@ -188,13 +188,28 @@ def probe(
             )
         except RuntimeError as e:  # a kernel missing for this dtype on this device
             rows.append({"path": name, "s_per_slice": None, "relative_error": None, "ok": False, "error": str(e)})
+        # only a path that can still win keeps its encoder copy (or ONNX session): the probe's memory peak stays
+        # at two or three copies of the encoder however many paths it tries
+        contenders = set(_leaders(rows))
+        for loser in [n for n in built if n not in contenders]:
+            del built[loser]
+    exact, fastest = _leaders(rows)
+    # a lossy path must win clearly: near-equal timings would otherwise flip the choice (and the masks' last
+    # pixels) from one restart to the next
+    chosen = fastest if _seconds(rows, fastest) < LOSSY_MARGIN * _seconds(rows, exact) else exact
+    return ProbeResult(chosen=chosen, forced=False, device=str(device), rows=rows, built=built[chosen])
+
+
+def _leaders(rows: list[dict]) -> tuple[str, str]:
+    """The fastest exact path and the fastest passing one (lossy or not) among the rows so far."""
     passing = [r for r in rows if r["ok"]]
     exact = min((r for r in passing if r["relative_error"] <= EXACT), key=lambda r: r["s_per_slice"])
     fastest = min(passing, key=lambda r: r["s_per_slice"])
-    # a lossy path must win clearly: near-equal timings would otherwise flip the choice (and the masks' last
-    # pixels) from one restart to the next
-    chosen = fastest["path"] if fastest["s_per_slice"] < LOSSY_MARGIN * exact["s_per_slice"] else exact["path"]
-    return ProbeResult(chosen=chosen, forced=False, device=str(device), rows=rows, built=built[chosen])
+    return exact["path"], fastest["path"]
+
+
+def _seconds(rows: list[dict], name: str) -> float:
+    return next(r["s_per_slice"] for r in rows if r["path"] == name)
 
 
 def select(model: SamoraModel, device: str | torch.device, setting: str = "auto") -> ProbeResult:
