@@ -38,6 +38,7 @@ PAIRS = (  # (variant, reference: the run whose final Dice sets the 90% target)
     ("samora_bf16", "samed_bf16"),
     ("hsam_ssl_bf16", "samed_bf16"),
     ("samora_bf16", "samed"),
+    ("hsam_ssl_bf16", "samed"),
 )
 CURVE_METHODS = (
     *("samed", "samora", "samora_ft", "samora_sum", "hsam", "hsam_ssl", "unet", "samora_cached", "heads"),

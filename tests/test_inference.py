@@ -55,6 +55,10 @@ def test_probabilities_sum_to_one_and_match_labels(model, shared_data):
     clear = (top2[1] - top2[0]) > 2e-3  # float16 storage can only flip near-ties
     assert clear.mean() > 0.5
     assert np.array_equal(probs.argmax(0)[clear], result.labels[clear])
+    # the scoring statistic: mean over body voxels of the per-voxel entropy of these probabilities
+    body = inference.normalised_volume(volume) > inference.BODY_THRESHOLD
+    entropy = -(probs * np.log(np.clip(probs, 1e-8, None))).sum(0)
+    assert result.mean_entropy == pytest.approx(float(entropy[body].mean()), rel=1e-2)
 
 
 def test_output_written_with_input_affine(model, shared_data, tmp_path):

@@ -50,7 +50,9 @@ def predict_slices(
     else:
         cached = embeddings.embed(model, images.cpu().numpy(), batch_size=len(images), device=device)
         embedding = torch.as_tensor(cached, dtype=torch.float32, device=device)
-    probs = model.probabilities(model.decode(embedding))
+    # classes innermost in memory: the full-size maps' argmax and entropy over classes then read contiguous runs
+    # (an argmax over a (B, K, H, W) tensor's dim 1 was ~10x slower; same values either way)
+    probs = model.probabilities(model.decode(embedding)).contiguous(memory_format=torch.channels_last)
     return letterbox.back(probs).clamp_(0, 1)
 
 
@@ -80,7 +82,7 @@ def segment_volume(
     for indices, stack in iter_slice_batches(scaled, axis, batch_size, model.config.context):
         probs = predict_slices(model, stack, device, letterbox, embeddings).cpu()
         body = torch.as_tensor(stack[:, 1] > BODY_THRESHOLD)
-        entropy = -(probs * probs.clamp_min(1e-8).log()).sum(1)
+        entropy = torch.special.entr(probs).sum(1)  # -p ln p per class, 0 where p = 0; one pass, no temporaries
         entropy_sum += float(entropy[body].sum())
         body_voxels += int(body.sum())
         batch_labels = probs.argmax(1).numpy().astype(np.int16)
