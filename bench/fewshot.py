@@ -697,7 +697,7 @@ def make_record(context: dict[str, Any], results: dict[str, dict]) -> dict[str, 
     case, split, preset = context["case"], context["split"], settings["preset"]
     depth = case.labels.shape[case.axis]
     runs = [r for k, r in results.items() if not k.startswith("ssl/")]
-    ssl_runs = [r for k, r in results.items() if k.startswith("ssl/")]
+    ssl_runs = [{**r, "key": k} for k, r in results.items() if k.startswith("ssl/")]
     return {
         "benchmark": "fewshot",
         "command": command_line(),
@@ -863,7 +863,8 @@ def setup_lines(record: dict) -> list[str]:
                 for lv, v in r["levels"].items()
                 if v.get("first_loss") is not None
             )
-            out.append(f"  - seed {r['seed']}: {r['seconds']:.0f} s; loss first->last 10 steps: {losses}")
+            name = r.get("key", f"seed {r['seed']}")
+            out.append(f"  - {name}: {r['seconds']:.0f} s; loss first->last 10 steps: {losses}")
     return out
 
 

@@ -26,6 +26,7 @@ SAMORA_MODES = ("samora_cached", "samora", "hsam_ssl", "samora_bf16", "hsam_ssl_
 SAMED_ROWS = ("samed", "samed_bf16")  # the SAMed-style reference, in each precision that ran
 ROW_ORDER = (*SAMORA_MODES, *SAMED_ROWS, "heads", "unet", "segresnet", "zeroshot")
 TARGETS = {"vs_unet": 0.15, "vs_samed": 0.03, "epoch_share": 0.30, "label_share": 0.70}
+CPU_HOURS_TARGET = 3.0  # the default set on the 2-core machine
 
 
 def large_dice(few: dict, method: str, budget: float, key: str = "large_mean_dice") -> tuple[float, float, int]:
@@ -110,6 +111,51 @@ def efficiency_answers(eff: dict) -> list[str]:
     return lines or ["Fine-tuning efficiency: no SAMed-style curve yet, so no epochs-to-90% figure."]
 
 
+def default_set_seconds(few: dict) -> tuple[float, list[str]]:
+    """A lower bound on the machine seconds of the litemedsam profile's CPU job list: each job at the shortest
+    training time measured for its method (every budget trains the same number of steps; the first cached run also
+    filled the embedding cache), each seed's SSL at the shortest run in its precision, and the preparation
+    (embeddings, evaluation) that the measured runs spent outside training, counted once. The methods never
+    measured are returned by name, not guessed."""
+    base = fewshot.PROFILES[PRESET]
+    shortest: dict[str, float] = {}
+    for key, seconds in [(r["method"], r["train_seconds"]) for r in few["runs"]] + [
+        (_ssl_row(r), r["seconds"]) for r in few["ssl_runs"]
+    ]:
+        shortest[key] = min(seconds, shortest.get(key, seconds))
+    wanted = [f"ssl/{p}" for p in fewshot.ssl_precisions(base) for _ in base["seeds"]]
+    wanted += [
+        m
+        for s in base["seeds"]
+        for b in base["budgets"]
+        for m in base["methods"]
+        if fewshot.runs_here(fewshot.METHODS[m], b, s, base)
+    ]
+    preparation = sum(r["seconds"] - r["train_seconds"] for r in few["runs"])
+    total = preparation + sum(shortest[k] for k in wanted if k in shortest)
+    return total, sorted({k for k in wanted if k not in shortest})
+
+
+def _ssl_row(run: dict) -> str:
+    """An SSL run's kind: "ssl/fp32" or "ssl/bf16" (its job key is "ssl/<seed>" in fp32, else "ssl/<seed>/<p>")."""
+    key = run.get("key", "ssl/0")
+    return f"ssl/{key.split('/')[2] if key.count('/') == 2 else 'fp32'}"
+
+
+def cpu_cost_answers(few: dict) -> list[str]:
+    """The CPU reality: what the rows above cost, and whether the full default set fits the 3-hour target."""
+    spent = sum(r["seconds"] for r in few["runs"]) + sum(r["seconds"] for r in few["ssl_runs"])
+    estimate, unmeasured = default_set_seconds(few)
+    hours = estimate / 3600
+    fits = "met" if hours <= CPU_HOURS_TARGET and not unmeasured else "missed"
+    missing = f", not counting the methods never run here ({', '.join(unmeasured)})" if unmeasured else ""
+    return [
+        f"CPU cost: the rows above took {spent / 3600:.1f} h of machine time. The `{PRESET}` profile's full CPU job "
+        f"list (3 seeds; full-stage rows at 10%, seed 0) would take at least {hours:.1f} h here{missing}; "
+        f"target <= {CPU_HOURS_TARGET:g} h: **{fits}**."
+    ]
+
+
 def active_learning_answers(al: dict) -> list[str]:
     """Labels the uncertainty strategy needs to reach random's final Dice."""
     needed = active_learning.labels_needed(al)
@@ -151,6 +197,7 @@ def render(results: Path) -> str:
         dice_table(few),
         "",
         *(f"- {line}" for line in fewshot_answers(few)),
+        *(f"- {line}" for line in cpu_cost_answers(few)),
     ]  # fmt: skip
     records = {few_path.name: few}
     if eff_path.exists():

@@ -13,7 +13,8 @@ MACHINE = {"cpu": "test CPU", "cpu_cores_usable": 2, "gpu": "none"}
 
 
 def _run(method: str, budget: float, seed: int, large: float) -> dict:
-    return {"method": method, "budget": budget, "seed": seed, "large_mean_dice": large, "mean_dice": large - 0.05}
+    return {"method": method, "budget": budget, "seed": seed, "large_mean_dice": large, "mean_dice": large - 0.05,
+            "seconds": 60.0, "train_seconds": 50.0}  # fmt: skip
 
 
 def _write(folder: Path, name: str, record: dict) -> None:
@@ -23,7 +24,7 @@ def _write(folder: Path, name: str, record: dict) -> None:
 def _summary_of(folder: Path, runs: list[dict]) -> str:
     """The summary of a few-shot record at 10% holding `runs` (every method titled by its key)."""
     methods = {r["method"]: r["method"] for r in runs}
-    few = {"settings": {"budgets": [0.1]}, "methods": methods, "runs": runs, "machine": MACHINE}
+    few = {"settings": {"budgets": [0.1]}, "methods": methods, "runs": runs, "ssl_runs": [], "machine": MACHINE}
     _write(folder, "fewshot_litemedsam.json", few)
     return real_summary.render(folder)
 
@@ -53,3 +54,16 @@ def test_the_bf16_full_stage_row_counts_as_samora_and_samed_is_judged_in_both_pr
     assert "SAMora's better mode at 10% of the labelled slices is `samora_bf16` (0.450, 1 seed(s))" in text
     assert "Against `samed` (0.420): +0.030 large-organ mean Dice; target >= +0.03: **met**" in text
     assert "Against `samed_bf16` (0.400): +0.050 large-organ mean Dice; target >= +0.03: **met**" in text
+
+
+def test_the_cpu_cost_is_a_lower_bound_from_the_measured_jobs_and_names_what_never_ran() -> None:
+    heads = [{**_run("heads", 0.05, 0, 0.3), "seconds": 150.0, "train_seconds": 100.0},
+             {**_run("heads", 0.1, 0, 0.3), "seconds": 300.0, "train_seconds": 300.0}]  # fmt: skip
+    ssl = [{"key": "ssl/0", "seed": 0, "seconds": 1000.0}, {"key": "ssl/0/bf16", "seed": 0, "seconds": 500.0}]
+    few = {"runs": heads, "ssl_runs": ssl}
+    seconds, unmeasured = real_summary.default_set_seconds(few)
+    # 50 s of preparation once; SSL 3 seeds x (1000 fp32 + 500 bf16); heads 3 seeds x 3 budgets x its shortest 100 s
+    assert seconds == 50 + 3 * 1500 + 9 * 100
+    assert "heads" not in unmeasured and {"unet", "samed", "zeroshot", "hsam_ssl_bf16"} <= set(unmeasured)
+    (line,) = real_summary.cpu_cost_answers(few)
+    assert "took 0.5 h of machine time" in line and "at least 1.5 h here" in line and "**missed**" in line
