@@ -84,7 +84,7 @@ class AppSettings:
     ssl_steps: int = 150  # per expert, for the bootstrap
     ssl_batch_size: int = 8
     context: str = "single"
-    infer_batch_size: int = 1  # LiteMedSAM on a CPU: 1.06 s/slice at batch 1, 1.44 at batch 4 (memory-bound)
+    infer_batch_size: int = 1  # encoder batch; LiteMedSAM on a CPU: 1.06 s/slice at batch 1, 1.44 at 4 (memory-bound)
     # torch threads in the server and in each train/scoring subprocess; 0 keeps torch's default (one per core).
     # 0 by default since LiteMedSAM: with 1 thread the demo's auto-segmentation took ~6 s per slice. Concurrent
     # processes can oversubscribe (measured ~10x slower SSL steps on 2 shared cores): set 1 where they overlap.

@@ -76,7 +76,7 @@ class SamoraSegmentation(InferTask):
         result = segment_volume(
             model,
             volume,
-            batch_size=batch,
+            encode_batch_size=batch,
             device=self.runtime.settings.device,
             embeddings=self.runtime.embedding_store(model),
         )

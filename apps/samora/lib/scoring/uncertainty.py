@@ -38,7 +38,7 @@ def score_images(runtime: ModelRuntime, datastore: Datastore, image_ids: list[st
         result = segment_volume(
             model,
             volume,
-            batch_size=runtime.settings.infer_batch_size,
+            encode_batch_size=runtime.settings.infer_batch_size,
             device=runtime.settings.device,
             embeddings=runtime.embedding_store(model),
         )
