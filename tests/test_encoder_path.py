@@ -81,11 +81,21 @@ def test_the_probe_drops_each_path_that_can_no_longer_win(model, monkeypatch):
         most_alive.append(len(alive))
         return next(seconds), encoder(images)
 
+    alive_before_building = []
+    real_init = encoder_path.PathEncoder.__init__
+
+    def counting_init(self, *args, **kwargs):
+        gc.collect()
+        alive_before_building.append(len(alive))
+        real_init(self, *args, **kwargs)
+
     monkeypatch.setattr(encoder_path, "_time", fake_time)
+    monkeypatch.setattr(encoder_path.PathEncoder, "__init__", counting_init)
     result = probe(model, "cpu", ["fp32", "fp32-fused", "bf16", "bf16-cl"])
     assert [r["path"] for r in result.rows] == ["fp32", "fp32-fused", "bf16", "bf16-cl"]
     assert result.chosen == "fp32" and result.built.path.name == "fp32"
-    assert max(most_alive) == 2
+    assert max(most_alive) == 2  # fp32 and the candidate being timed
+    assert alive_before_building == [0, 1, 1, 1]  # a slower candidate is gone before the next one is built
 
 
 def test_a_forced_path_is_not_probed_and_unknown_paths_are_refused(model):

@@ -193,6 +193,7 @@ def probe(
         contenders = set(_leaders(rows))
         for loser in [n for n in built if n not in contenders]:
             del built[loser]
+        encoder = out = None  # and this loop's own references go before the next candidate is built
     exact, fastest = _leaders(rows)
     # a lossy path must win clearly: near-equal timings would otherwise flip the choice (and the masks' last
     # pixels) from one restart to the next
