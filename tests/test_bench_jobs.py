@@ -60,3 +60,17 @@ def test_a_journaled_ssl_job_runs_again_where_its_experts_are_missing(tmp_path):
     kept = without_missing_experts(done, {"0": str(here), "0/bf16": str(gone)})
     assert sorted(kept) == ["samed/0.1/0", "ssl/0"]
     assert "ssl/0/bf16" in done  # the caller's record of finished jobs is left alone
+
+
+def test_the_decode_benchmark_gives_the_same_labels_at_every_decode_batch(shared_data, tmp_path):
+    import json
+
+    import autoseg_decode  # a bench module that imports torch: loaded only here
+
+    out = tmp_path / "decode.json"
+    volume = shared_data / "ct_abdomen_totalseg" / "image.nii.gz"
+    args = ["--volume", str(volume), "--batches", "1", "4", "--repeats", "1", "--out", str(out)]
+    assert autoseg_decode.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 4] and all(r["seconds"][0] > 0 for r in rows)
+    assert rows[0]["labels_checksum"] == rows[1]["labels_checksum"] > 0
