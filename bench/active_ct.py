@@ -32,7 +32,7 @@ from paths import DATA
 from plots import plot_lines
 from records import run_header, write_json
 from report import PSEUDO_LABEL_NOTE, RANDOM_BACKBONE_NOTE, header_lines
-from ssl_runs import SSLSpec, build_ssl_cache, spec_dict, ssl_dir, ssl_job, ssl_spec_for
+from ssl_runs import SSLSpec, build_ssl_cache, spec_dict, ssl_dir, ssl_job, ssl_spec_for, without_missing_experts
 
 METHOD = "samora_cached"
 STRATEGIES = active_learning.STRATEGIES
@@ -239,6 +239,7 @@ def run_journalled(args: argparse.Namespace, *, jobs: list[Job], job_settings: d
         active_learning.report_progress(job, result)
         journal.record(job.key, result)
 
+    done = without_missing_experts(done, jobs, {"ssl": job_settings["experts"]})
     return run_jobs(jobs, workers=args.workers, threads=args.threads, on_result=on_result, done=done)
 
 

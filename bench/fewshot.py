@@ -34,10 +34,16 @@ from paths import DATA
 from plots import plot_lines
 from records import command_line, machine_info, now_utc, write_json
 from report import PSEUDO_LABEL_NOTE, RANDOM_BACKBONE_NOTE, fmt_ms, header_lines, md_table
-from ssl_runs import SSLSpec, build_ssl_cache, spec_dict, ssl_dir, ssl_job, ssl_spec_for
+from ssl_runs import (
+    SSLSpec,
+    build_ssl_cache,
+    spec_dict,
+    ssl_dir,
+    ssl_job,
+    ssl_spec_for,
+    without_missing_experts,
+)
 from stats import as_float, finite, mean_std
-
-from samora.ssl.pretraining import SUMMARY_FILE
 
 # the bf16-training rows are the CPU-sized form of the real-weight full-stage rows; the random-backbone runs skip them
 FP32_METHODS = [key for key, method in METHODS.items() if method.precision == "fp32"]
@@ -601,21 +607,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finished[job.key] = result
         write_partial(make_record(context, finished))
 
-    done = without_missing_experts(done, settings["experts"])  # after --report, which needs no experts
+    # after --report, which needs no experts
+    done = without_missing_experts(done, jobs, {f"ssl/{k}": v for k, v in settings["experts"].items()})
     results = run_jobs(jobs, workers=args.workers, threads=args.threads, on_result=on_result, done=done)
     return make_record(context, results)
-
-
-def without_missing_experts(done: dict[str, dict], experts: dict[str, str]) -> dict[str, dict]:
-    """The journal's finished jobs less the SSL jobs whose experts are not on this machine (a fresh clone holds the
-    journal but not the work folder): those run again, so the SAMora rows that wait for them find their experts."""
-    kept = dict(done)
-    for key in [k for k in done if k.startswith("ssl/")]:
-        folder = Path(experts[key.removeprefix("ssl/")])
-        if not (folder / SUMMARY_FILE).exists():
-            print(f"fewshot: {key} is in the journal but its experts are not in {folder}; training them again")
-            del kept[key]
-    return kept
 
 
 def ssl_key(seed: int, precision: str) -> str:

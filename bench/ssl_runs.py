@@ -155,3 +155,19 @@ def spec_dict(spec: SSLSpec) -> dict[str, Any]:
     data["studies"] = [str(s) for s in spec.studies]
     data["window_hu"] = list(spec.window_hu)
     return data
+
+
+def without_missing_experts(done: dict[str, dict], jobs: list[Job], folders: dict[str, str]) -> dict[str, dict]:
+    """The journal's finished jobs less the SSL jobs (key -> experts folder in `folders`) whose experts are not on
+    this machine although a job still to run waits for them: a fresh clone holds the journal, not the work folder,
+    so those SSL runs train again. Where nothing left needs them they stay done."""
+    from samora.ssl.pretraining import SUMMARY_FILE
+
+    needed = {after for job in jobs if job.key not in done for after in job.after}
+    kept = dict(done)
+    for key in [k for k in done if k in folders and k in needed]:
+        folder = Path(folders[key])
+        if not (folder / SUMMARY_FILE).exists():
+            print(f"{key} is in the journal but its experts are not in {folder}; training them again", flush=True)
+            del kept[key]
+    return kept

@@ -50,15 +50,21 @@ def test_duplicate_keys_are_refused():
         run_jobs(_jobs() + _jobs()[:1], 1, 1)
 
 
-def test_a_journaled_ssl_job_runs_again_where_its_experts_are_missing(tmp_path):
-    from fewshot import without_missing_experts  # a bench module that imports torch: loaded only here
+def test_a_journaled_ssl_job_runs_again_where_its_experts_are_missing_and_still_needed(tmp_path):
+    from ssl_runs import without_missing_experts  # imports samora (torch) when called: loaded only here
 
     here, gone = tmp_path / "seed0", tmp_path / "seed0_bf16"
     here.mkdir()
     (here / "pretrain_summary.json").write_text("{}")
-    done = {"ssl/0": {"seconds": 1}, "ssl/0/bf16": {"seconds": 2}, "samed/0.1/0": {"mean_dice": 0.4}}
-    kept = without_missing_experts(done, {"0": str(here), "0/bf16": str(gone)})
-    assert sorted(kept) == ["samed/0.1/0", "ssl/0"]
+    folders = {"ssl/0": str(here), "ssl/0/bf16": str(gone), "ssl/1/bf16": str(tmp_path / "seed1_bf16")}
+    done = {"ssl/0": {}, "ssl/0/bf16": {}, "ssl/1/bf16": {}, "hsam/0.1/1": {}}
+    jobs = [Job(k, _square, {"x": 0}) for k in folders]
+    jobs += [Job("samora/0.1/0", _square, {"x": 0}, after=("ssl/0", "ssl/0/bf16"))]
+    jobs += [Job("hsam/0.1/1", _square, {"x": 0}, after=("ssl/1/bf16",))]
+    kept = without_missing_experts(done, jobs, folders)
+    # ssl/0 is on disk; ssl/0/bf16 is missing and samora still waits for it; ssl/1/bf16 is missing, but its only
+    # dependant is done, so it is not trained again for nothing
+    assert sorted(kept) == ["hsam/0.1/1", "ssl/0", "ssl/1/bf16"]
     assert "ssl/0/bf16" in done  # the caller's record of finished jobs is left alone
 
 
