@@ -607,7 +607,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finished[job.key] = result
         write_partial(make_record(context, finished))
 
-    # after --report, which needs no experts
+    # only when jobs run (--report returned above without needing any experts)
     done = without_missing_experts(done, jobs, {f"ssl/{k}": v for k, v in settings["experts"].items()})
     results = run_jobs(jobs, workers=args.workers, threads=args.threads, on_result=on_result, done=done)
     return make_record(context, results)

@@ -149,10 +149,12 @@ def cpu_cost_answers(few: dict) -> list[str]:
     hours = estimate / 3600
     fits = "met" if hours <= CPU_HOURS_TARGET and not unmeasured else "missed"
     missing = f", not counting the methods never run here ({', '.join(unmeasured)})" if unmeasured else ""
+    seeds = len(fewshot.PROFILES[PRESET]["seeds"])
+    budget, seed = fewshot.FULL_STAGE_CPU
     return [
         f"CPU cost: the rows above took {spent / 3600:.1f} h of machine time. The `{PRESET}` profile's full CPU job "
-        f"list (3 seeds; full-stage rows at 10%, seed 0) would take at least {hours:.1f} h here{missing}; "
-        f"target <= {CPU_HOURS_TARGET:g} h: **{fits}**."
+        f"list ({seeds} seeds; full-stage rows at {100 * budget:g}%, seed {seed}) would take at least {hours:.1f} h "
+        f"here{missing}; target <= {CPU_HOURS_TARGET:g} h: **{fits}**."
     ]
 
 
