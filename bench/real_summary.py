@@ -16,7 +16,7 @@ import active_learning
 import fewshot
 from paths import ROOT
 from records import read_json
-from report import md_table
+from report import cpu_text, md_table
 from stats import mean_std
 
 PRESET = "litemedsam"
@@ -192,7 +192,7 @@ def render(results: Path) -> str:
         "## Real weights first: LiteMedSAM on real CT",
         "",
         f"Records: `{few_path.name}`" + "".join(f", `{p.name}`" for p in (eff_path, al_path) if p.exists())
-        + f" (machine: {machine['cpu']}, {machine['cpu_cores_usable']} usable cores, GPU: {machine['gpu']}). "
+        + f" (machine: {cpu_text(machine)}, {machine['cpu_cores_usable']} usable cores, GPU: {machine['gpu']}). "
         "Dice against the TotalSegmentator pseudo-labels of ct_abdomen_totalseg, held-out slabs. The numbered "
         "sections and the honest summary below them read the random-backbone runs unless they say otherwise.",
         "",

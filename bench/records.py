@@ -33,11 +33,15 @@ def machine_info(workers: int, threads: int) -> dict[str, Any]:
     import monai
 
     import samora
+    from samora.engine.precision import cpu_supports_bf16
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none: GPU rows not measured (no GPU lent)"
     return {
         "platform": platform.platform(),
         "cpu": cpu,
+        # the same CPU model is lent with and without AVX-512: the encoder's speed and bf16 depend on it
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_native": cpu_supports_bf16(),
         "cpu_cores_visible": os.cpu_count(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "workers": workers,

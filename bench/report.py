@@ -47,13 +47,21 @@ def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def cpu_text(machine: dict[str, Any]) -> str:
+    """The CPU and, where the record has them, its vector ISA and whether it computes bf16 natively."""
+    if "cpu_capability" not in machine:  # records written before these were kept
+        return machine["cpu"]
+    bf16 = "native bf16" if machine["cpu_bf16_native"] else "bf16 emulated"
+    return f"{machine['cpu']} [{machine['cpu_capability']}, {bf16}]"
+
+
 def header_lines(record: dict[str, Any]) -> list[str]:
     """Command, machine and date lines printed by every script."""
     m = record["machine"]
     return [
         f"command: {record['command']}",
         f"date: {record['date']}",
-        f"machine: {m['cpu']} ({m['cpu_cores_usable']} usable cores), {m['workers']} workers x "
+        f"machine: {cpu_text(m)} ({m['cpu_cores_usable']} usable cores), {m['workers']} workers x "
         f"{m['torch_threads_per_worker']} torch thread(s), torch {m['torch']}, {m['platform']}; GPU: {m['gpu']}",
         f"wall time: {record.get('wall_s', math.nan):.0f} s",
     ]

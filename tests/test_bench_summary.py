@@ -67,3 +67,15 @@ def test_the_cpu_cost_is_a_lower_bound_from_the_measured_jobs_and_names_what_nev
     assert "heads" not in unmeasured and {"unet", "samed", "zeroshot", "hsam_ssl_bf16"} <= set(unmeasured)
     (line,) = real_summary.cpu_cost_answers(few)
     assert "took 0.5 h of machine time" in line and "at least 1.5 h here" in line and "**missed**" in line
+
+
+def test_the_machine_line_says_whether_the_cpu_computes_bf16(tmp_path: Path) -> None:
+    import report
+
+    new = MACHINE | {"cpu_capability": "AVX2", "cpu_bf16_native": False}
+    assert report.cpu_text(new) == "test CPU [AVX2, bf16 emulated]"
+    assert report.cpu_text(new | {"cpu_capability": "AVX512", "cpu_bf16_native": True}).endswith("native bf16]")
+    assert report.cpu_text(MACHINE) == "test CPU"  # a record from before the ISA was kept
+    few = {"settings": {"budgets": [0.1]}, "methods": {}, "runs": [], "ssl_runs": [], "machine": new}
+    _write(tmp_path, "fewshot_litemedsam.json", few)
+    assert "(machine: test CPU [AVX2, bf16 emulated], 2 usable cores" in real_summary.render(tmp_path)
