@@ -11,6 +11,7 @@ import torch
 from model_helpers import MemoryCache, perturb_expert
 
 import samora.backbones.litemedsam as litemedsam
+import samora.engine.encoder_path as encoder_path
 from samora.adapters.attention import AdaptedAttention
 from samora.adapters.experts import expert_parameters
 from samora.backbones import PRESETS, CheckpointError
@@ -235,6 +236,33 @@ def test_day_one_3d_roi_prompt_segments_the_liver_of_real_ct(shared_data, tmp_pa
     score = class_metrics((mask > 0).astype(np.uint8), truth.astype(np.uint8), 1)["dice"]
     print(f"3D ROI liver Dice {score:.4f} over {len(info['slices'])} slices")
     assert score >= 0.88
+
+
+def test_cached_training_stores_real_weight_embeddings_from_onnx_runtime_once(tmp_path, monkeypatch):
+    """Cached mode encodes a pretrained encoder's slices with ONNX Runtime (2.2-2.4x eager fp32 on a CPU), once: a
+    second training on the same slices exports nothing, and what it stored is the model's own embedding."""
+    model = SamoraModel(ModelConfig(preset="litemedsam", image_size=256, labels=LABELS))
+    images, labels = slices(2, seed=3)
+    data = LabeledSlices(images.astype(np.float16), labels, ["synthetic"] * 2)
+    built = []
+    path_encoder = encoder_path.PathEncoder
+    monkeypatch.setattr(encoder_path, "PathEncoder", lambda m, p, *a: built.append(p.name) or path_encoder(m, p, *a))
+    config = FinetuneConfig(epochs=1, batch_size=2, max_steps=1, augment=False, mode="cached")
+    config.embedding_dir = str(tmp_path)
+    finetune(model, data, config)
+    finetune(model, data, config)
+    assert built == ["onnx"]
+    (folder,) = tmp_path.iterdir()
+    assert folder.name == f"{encoder_fingerprint(model)}-onnx"
+
+    def must_not_encode(x):
+        raise AssertionError("every slice should be on disk")
+
+    stored = EmbeddingStore(tmp_path, model, encoder=must_not_encode, path_name="onnx").embed(model, data.images)
+    with torch.no_grad():
+        reference = model.eval().encode(torch.as_tensor(data.images, dtype=torch.float32)).numpy()
+    error = np.linalg.norm(stored.astype(np.float32) - reference) / np.linalg.norm(reference)
+    assert error < 1e-3  # fp16 storage, not the path, sets this
 
 
 def test_the_onnx_encoder_path_takes_a_batch_of_real_weight_slices(model):

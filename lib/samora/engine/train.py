@@ -200,8 +200,12 @@ def _embed_for_training(
     if data is None or not len(data):
         return None
     from samora.engine.embeddings import EmbeddingStore
+    from samora.engine.encoder_path import TrainingEncoder
 
-    store = EmbeddingStore(root, model)
+    if TrainingEncoder.suits(model, config.device):
+        store = EmbeddingStore(root, model, encoder=TrainingEncoder(model), path_name=TrainingEncoder.path_name)
+    else:
+        store = EmbeddingStore(root, model)
     keys, _ = store.encode_missing(
         model, data.images, device=config.device, on_progress=on_progress, rank=ctx.rank, world_size=ctx.world_size
     )
