@@ -287,10 +287,13 @@ def score(pred: np.ndarray, case: SimpleNamespace, split: Split) -> dict[str, An
 
 
 def test_embeddings(model: Any, settings: dict[str, Any]) -> Any:
-    """The cached mode's on-disk embedding store, so the test slabs are encoded once per encoder state."""
-    from samora.engine.embeddings import EmbeddingStore
+    """The cached mode's on-disk embedding store, so the test slabs are encoded once per encoder state (by the
+    encoder the training stores its slices with)."""
+    from samora.engine.train import frozen_encoder_store
 
-    return EmbeddingStore(settings["embedding_dir"], model) if settings.get("embedding_dir") else None
+    if not settings.get("embedding_dir"):
+        return None
+    return frozen_encoder_store(settings["embedding_dir"], model, settings["device"])
 
 
 class HeldoutCurve:

@@ -192,6 +192,17 @@ def _optimizer(model: Segmenter, config: FinetuneConfig) -> torch.optim.Optimize
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
 
 
+def frozen_encoder_store(root: str, model: SamoraModel, device: str | torch.device):
+    """The embedding store of a frozen encoder outside the server (training, benchmarks): ONNX Runtime for a
+    pretrained encoder on a CPU, the eager encoder otherwise (see TrainingEncoder)."""
+    from samora.engine.embeddings import EmbeddingStore
+    from samora.engine.encoder_path import TrainingEncoder
+
+    if TrainingEncoder.suits(model, device):
+        return EmbeddingStore(root, model, encoder=TrainingEncoder(model), path_name=TrainingEncoder.path_name)
+    return EmbeddingStore(root, model)
+
+
 def _embed_for_training(
     model: SamoraModel, data: LabeledSlices | None, config: FinetuneConfig, root: str, ctx: DistContext, on_progress
 ):
@@ -199,13 +210,7 @@ def _embed_for_training(
     encodes its share of the missing slices into the shared folder; all then read every slice from it."""
     if data is None or not len(data):
         return None
-    from samora.engine.embeddings import EmbeddingStore
-    from samora.engine.encoder_path import TrainingEncoder
-
-    if TrainingEncoder.suits(model, config.device):
-        store = EmbeddingStore(root, model, encoder=TrainingEncoder(model), path_name=TrainingEncoder.path_name)
-    else:
-        store = EmbeddingStore(root, model)
+    store = frozen_encoder_store(root, model, config.device)
     keys, _ = store.encode_missing(
         model, data.images, device=config.device, on_progress=on_progress, rank=ctx.rank, world_size=ctx.world_size
     )
