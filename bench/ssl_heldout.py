@@ -30,6 +30,7 @@ from report import md_table
 
 from samora.config import EXPERTS, ModelConfig
 from samora.data import SliceCache, discover_studies
+from samora.engine.precision import TRAIN_PRECISIONS
 from samora.model import SamoraModel
 from samora.plots import read_loss_log
 from samora.ssl import train_expert
@@ -76,7 +77,7 @@ def recipe(args: argparse.Namespace, level: str) -> tuple[int, int, float]:
 def run_level(model: SamoraModel, level: str, train: Any, held: Any, args: argparse.Namespace, work: Path) -> dict:
     """Train one level with held-out evaluation; the measured numbers."""
     steps, batch, lr = recipe(args, level)
-    settings = SSLSettings(batch_size=batch, lr=lr, heldout_slices=args.heldout_slices)
+    settings = SSLSettings(batch_size=batch, lr=lr, heldout_slices=args.heldout_slices, precision=args.precision)
     started = time.perf_counter()
     summary = train_expert(
         model=model,
@@ -150,7 +151,8 @@ def render_markdown(result: dict) -> str:
             f"{result['train_slices']} training slices, {result['heldout_slices']} held-out slices",
             "",
             f"Measured {result['date']} on {m['cpu']} ({m['cpu_cores_usable']} usable cores, shared; "
-            f"{result['threads']} torch thread(s)), GPU: {m['gpu']}; torch {m['torch']}, MONAI {m['monai']}.",
+            f"{result['threads']} torch thread(s), {result.get('precision', 'fp32')} training), GPU: {m['gpu']}; "
+            f"torch {m['torch']}, MONAI {m['monai']}.",
             "",
             f"Command: `{result['command']}`",
             "",
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-slices", type=int, default=None, help="train on this many evenly spaced slices")
     parser.add_argument("--heldout-slices", type=int, default=None, help="evaluate on this many held-out slices")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--precision", choices=TRAIN_PRECISIONS, default="fp32", help="bf16: forward under autocast")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=None, help="default: docs/results/ssl_heldout[_<preset>].json")
     args = parser.parse_args(argv)
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": now_utc(),
         "command": command_line(),
         "threads": args.threads,
+        "precision": args.precision,
         "machine": machine_info(1, args.threads),
         "preset": args.preset,
         "image_size": size,

@@ -34,3 +34,23 @@ def test_run_all_quick_writes_reports(tmp_path: Path, shared_data: Path) -> None
     report = out / "benchmarks.md"
     assert report.is_file()
     assert report.read_text().startswith("# SAMora benchmarks")
+
+
+def test_ssl_heldout_trains_in_the_precision_asked_and_records_it(tmp_path: Path, shared_data: Path) -> None:
+    """bench/ssl_heldout.py --precision bf16: the expert trains under bf16 autocast and the record and table say so."""
+    out = tmp_path / "ssl_heldout.json"
+    command = [sys.executable, str(ROOT / "bench" / "ssl_heldout.py"), "--levels", "pixel", "--steps", "2"]
+    command += ["--batch-size", "2", "--train-slices", "8", "--heldout-slices", "4", "--precision", "bf16"]
+    proc = subprocess.run(
+        [*command, "--data", str(shared_data), "--out", str(out)],
+        cwd=ROOT / "bench",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["precision"] == "bf16" and record["train_slices"] == 8 and record["heldout_slices"] == 4
+    (row,) = record["levels"]
+    assert row["level"] == "pixel" and row["steps"] == 2 and row["heldout_step0"] > 0 and row["heldout_end"] > 0
+    assert "bf16 training" in proc.stdout
