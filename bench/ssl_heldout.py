@@ -16,6 +16,7 @@ pelvic CT (another patient).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ from samora.engine.precision import TRAIN_PRECISIONS
 from samora.model import SamoraModel
 from samora.plots import read_loss_log
 from samora.ssl import train_expert
+from samora.ssl.experts_io import expert_paths
 from samora.ssl.trainer import RunHooks, SSLSettings, log_path
 
 TRAIN_FOLDERS = ("ct_chest_totalseg", "ct_abdomen_totalseg")
@@ -109,6 +111,8 @@ def run_level(model: SamoraModel, level: str, train: Any, held: Any, args: argpa
         "seconds_per_step": summary["seconds"] / steps,
         "heldout_eval_seconds": (total - summary["seconds"]) / 2,  # two evaluations: step 0 and end
         "heldout_slices": record["n_slices"],
+        # what the trainer ran with, read back from the expert file it wrote
+        "precision": json.loads(expert_paths(work, level)[1].read_text())["optimisation"]["precision"],
     }
     print(
         f"{level}: train {row['train_first']:.4f} -> {row['train_last']:.4f}; held-out {row['heldout_step0']:.4f}"

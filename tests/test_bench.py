@@ -37,7 +37,8 @@ def test_run_all_quick_writes_reports(tmp_path: Path, shared_data: Path) -> None
 
 
 def test_ssl_heldout_trains_in_the_precision_asked_and_records_it(tmp_path: Path, shared_data: Path) -> None:
-    """bench/ssl_heldout.py --precision bf16: the expert trains under bf16 autocast and the record and table say so."""
+    """bench/ssl_heldout.py --precision bf16: the trainer gets bf16 (its expert file says so) and the record and table
+    say so."""
     out = tmp_path / "ssl_heldout.json"
     command = [sys.executable, str(ROOT / "bench" / "ssl_heldout.py"), "--levels", "pixel", "--steps", "2"]
     command += ["--batch-size", "2", "--train-slices", "8", "--heldout-slices", "4", "--precision", "bf16"]
@@ -53,4 +54,5 @@ def test_ssl_heldout_trains_in_the_precision_asked_and_records_it(tmp_path: Path
     assert record["precision"] == "bf16" and record["train_slices"] == 8 and record["heldout_slices"] == 4
     (row,) = record["levels"]
     assert row["level"] == "pixel" and row["steps"] == 2 and row["heldout_step0"] > 0 and row["heldout_end"] > 0
+    assert row["precision"] == "bf16"
     assert "bf16 training" in proc.stdout
