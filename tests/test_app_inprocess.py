@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from app_helpers import shuffled_slicer_label
 
 
@@ -121,26 +122,54 @@ def test_a_version_trained_under_another_label_order_is_served_in_the_confs_numb
         np.testing.assert_array_equal(trained == PHANTOM_LABELS[name], served == reordered[name], err_msg=name)
 
 
-def test_experts_from_a_later_bootstrap_reach_the_next_full_training(tmp_path, monkeypatch):
-    """Version 1 is trained before any SSL expert exists; the bootstrap ends after it; the next `full` training
-    starts from those experts (stage 2 keeps them frozen on a backbone whose experts it does not fine-tune)."""
+@pytest.mark.parametrize("fusion, queued", [("auto", ["samora", "samora_ssl"]), ("reduced", ["samora"])])
+def test_start_queues_the_bootstrap_where_experts_act(tmp_path, monkeypatch, fusion, queued):
+    """Cached mode (this CPU) with the default fusion (the experts' sum) queues the first version, then the SSL
+    bootstrap; with HL-Attn, which cached training never trains, the bootstrap is skipped."""
+    from conftest import app_client
+    from monailabel.interfaces.app import MONAILabelApp
+
+    calls = []
+    monkeypatch.setattr(
+        MONAILabelApp, "async_training", lambda self, model, params=None, enqueue=False: calls.append((model, enqueue))
+    )
+    with app_client(tmp_path, monkeypatch, bootstrap="auto", fusion=fusion):
+        pass
+    assert calls == [(name, True) for name in queued]
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"train_mode": "full", "finetune_experts": "false", "epochs": 1},
+        {"train_mode": "cached", "epochs": 1},  # fusion auto: the frozen experts' sum, so they act without training
+    ],
+    ids=["full", "cached-sum"],
+)
+def test_experts_from_a_later_bootstrap_reach_a_new_version_when_it_ends(tmp_path, monkeypatch, conf):
+    """Version 1 is trained before any SSL expert exists; the bootstrap ends after it and publishes version 2 trained
+    from those experts (frozen in stage 2), which changes the encoder's embedding."""
     import copy
 
     import torch
     from conftest import app_client
 
     from samora.adapters.experts import expert_parameters
+    from samora.engine.embeddings import encoder_fingerprint
     from samora.engine.store import ModelStore
+    from samora.model import SamoraModel
     from samora.ssl.experts_io import load_experts
 
-    conf = {"train_mode": "full", "finetune_experts": "false", "epochs": 1}
     with app_client(tmp_path, monkeypatch, **conf) as client:
         assert client.post("/train/samora?run_sync=true", json={}).status_code == 200
-        assert client.post("/train/samora_ssl?run_sync=true", json={}).status_code == 200
-        assert client.post("/train/samora?run_sync=true", json={}).status_code == 200
+        r = client.post("/train/samora_ssl?run_sync=true", json={})
+        assert r.status_code == 200, r.text
+        assert r.json()["refreshed"]["model_version"] == 2, r.json()
     store = ModelStore(tmp_path / "model")
     version, trained = store.load_current()
     assert version == 2 and store.expert_files()
+    first = SamoraModel.load(store.path(1))
+    assert first.config.fusion == trained.config.fusion == ("reduced" if conf["train_mode"] == "full" else "sum")
     expected = copy.deepcopy(trained)
     assert load_experts(expected, store.experts_dir) == ["image", "patch", "pixel"]
     for level in ("image", "patch", "pixel"):
@@ -149,3 +178,11 @@ def test_experts_from_a_later_bootstrap_reach_the_next_full_training(tmp_path, m
         assert any(float(p.abs().max()) > 0 for k, p in want.items() if ".lora_B." in k), f"{level}: zero expert"
         for key, value in want.items():
             assert torch.equal(got[key], value), f"{level} {key}: version 2 does not carry the bootstrap's expert"
+    if conf["train_mode"] == "cached":  # a new embedding folder, and embeddings that differ from version 1's
+        fingerprints = encoder_fingerprint(first), encoder_fingerprint(trained)
+        assert fingerprints[0] != fingerprints[1]
+        folders = [p.name for p in (tmp_path / "model" / "embeddings").iterdir()]
+        assert all(any(name.startswith(f) for name in folders) for f in fingerprints), (fingerprints, folders)
+        image = torch.rand(1, 3, trained.config.image_size, trained.config.image_size)
+        with torch.no_grad():
+            assert not torch.allclose(first.encode(image), trained.encode(image), atol=1e-4)

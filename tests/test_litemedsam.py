@@ -274,3 +274,24 @@ def test_the_onnx_encoder_path_takes_a_batch_of_real_weight_slices(model):
         reference = model.encode(images)
     assert exported.shape == reference.shape == (2, 256, 64, 64)
     assert float((exported - reference).norm() / reference.norm()) < 1e-4
+
+
+def test_the_onnx_path_keeps_sum_fused_experts_of_real_weights():
+    """The app's cached mode fuses trained SSL experts by their plain sum: the exported encoder that fills the
+    training store must carry them (its embedding matches eager and differs from the expert-free one)."""
+    from samora.config import EXPERTS
+
+    model = SamoraModel(ModelConfig(preset="litemedsam", image_size=256, labels=LABELS, fusion="sum")).eval()
+    images = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model.encode(images)
+        generator = torch.Generator().manual_seed(2)
+        for site in model.backbone.attention_sites():  # stand-ins for trained experts: small non-zero LoRA B
+            for layer in (site.core.qkv.q, site.core.qkv.v):
+                for level in EXPERTS:
+                    weight = layer.lora_B[level].weight
+                    weight.copy_(0.02 * torch.randn(weight.shape, generator=generator))
+        fused = model.encode(images)
+    exported = PathEncoder(model, PATHS["onnx"])(images)
+    assert float((fused - plain).norm() / plain.norm()) > 1e-2  # the experts change the embedding
+    assert float((exported - fused).norm() / fused.norm()) < 1e-4

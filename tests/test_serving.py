@@ -70,6 +70,20 @@ def test_defaults_serve_litemedsam_with_a_training_mode_per_device():
     assert AppSettings.from_conf({"preset": "tiny"}).image_size == 128
 
 
+def test_fusion_and_ssl_recipe_follow_the_training_mode():
+    cpu, gpu = AppSettings.from_conf({}), AppSettings.from_conf({"device": "cuda"})
+    # cached: the frozen experts act through their plain sum; HL-Attn would keep them at zero there
+    assert cpu.resolved_fusion() == "sum" and cpu.model_config().fusion == "sum" and cpu.experts_act()
+    assert cpu.resolved_ssl() == (20, 4)
+    assert gpu.resolved_fusion() == "reduced" and gpu.experts_act() and gpu.resolved_ssl() == (150, 8)
+    gated = AppSettings.from_conf({"fusion": "reduced"})
+    assert gated.resolved_fusion() == "reduced" and not gated.experts_act()
+    assert AppSettings.from_conf({"fusion": "patch"}).experts_act()
+    assert AppSettings.from_conf({"ssl_steps": "7"}).resolved_ssl() == (7, 4)
+    with pytest.raises(SettingsError, match="ssl_steps"):
+        AppSettings.from_conf({"ssl_batch_size": "-1"})
+
+
 def test_training_precision_is_bf16_only_through_the_encoder_and_where_native(monkeypatch):
     import samora.serving.settings as settings_module
 

@@ -90,7 +90,8 @@ class SamoraApp(MONAILabelApp):
 
     def init_trainers(self):
         # Order matters: 3D Slicer shows the first trainer's stats.
-        return {"samora": SamoraFinetuneTrainer(self.runtime), "samora_ssl": SamoraBootstrapTrainer(self.runtime)}
+        finetune = SamoraFinetuneTrainer(self.runtime)
+        return {"samora": finetune, "samora_ssl": SamoraBootstrapTrainer(self.runtime, refresh=finetune)}
 
     def init_strategies(self):
         return {"uncertainty": UncertaintyStrategy(self.runtime), "random": Random(), "first": First()}
@@ -111,12 +112,13 @@ class SamoraApp(MONAILabelApp):
         if store.current_version() is None and self.datastore().get_labeled_images(DefaultLabelTag.FINAL):
             log.info("bootstrap: final labels exist but no model version; queueing samora training")
             self.async_training("samora", enqueue=True)
-        if self.settings.resolved_train_mode() == "cached" and self.settings.fusion in ("reduced", "full"):
+        if not self.settings.experts_act():
             # cached training never trains HL-Attn, whose zero-initialised output keeps the experts' effect at zero:
-            # back-propagating the bootstrap through the encoder on this device would cost hours for nothing
+            # back-propagating the bootstrap through the encoder on this device would cost time for nothing
             log.info(
-                "bootstrap: samora_ssl not queued (train_mode cached: experts only act through trained HL-Attn); "
-                "POST /train/samora_ssl to run it anyway"
+                "bootstrap: samora_ssl not queued (train_mode cached with fusion %s: experts only act through "
+                "trained HL-Attn; fusion sum lets them act); POST /train/samora_ssl to run it anyway",
+                self.settings.resolved_fusion(),
             )
             return
         has_experts = bool(store.expert_files())

@@ -89,8 +89,9 @@ class Progress:
 
 def starting_model(runtime: Any) -> tuple[int, Any]:
     """(served version, a copy of it to train), or a fresh model when the conf changed since that version.
-    In `full` mode the SSL experts on disk replace the version's (a bootstrap may have finished after it); in
-    `cached` mode they cannot act (HL-Attn does not train) and would only force every slice to be re-encoded."""
+    Where the experts act (§8.2 of docs/design.md) the SSL experts on disk replace the version's, since a bootstrap
+    may have finished after it; in `cached` mode with HL-Attn fusion they cannot act and would only force every slice
+    to be re-encoded."""
     from samora.ssl.experts_io import load_experts
 
     version, served = runtime.model()
@@ -100,8 +101,9 @@ def starting_model(runtime: Any) -> tuple[int, Any]:
         log.warning("model version %d was built with another configuration; training a fresh model", version)
         return version, runtime.fresh_model()
     store = runtime.store
-    full = runtime.settings.resolved_train_mode() == "full"
-    if version and full and not model.config.finetune_experts and store.expert_files():
+    # stage 2 of `full` mode may train its own copies of the experts, which are then newer than the bootstrap's
+    trains_experts = runtime.settings.resolved_train_mode() == "full" and model.config.finetune_experts
+    if version and runtime.settings.experts_act() and not trains_experts and store.expert_files():
         loaded = load_experts(model, store.experts_dir)
         log.info("training from model version %d with the SSL experts on disk: %s", version, loaded)
     return version, model

@@ -22,6 +22,13 @@ CACHED_EPOCHS = 6
 # 1e-3 (0.84); a random-initialised backbone's heads were tuned at 3e-3.
 PRETRAINED_LR = 1e-3
 RANDOM_INIT_LR = 3e-3
+# SSL bootstrap (steps per expert, batch) by stage-2 mode. Cached: the few-shot benchmark's cheap SAMora row, whose
+# frozen sum-fused experts from 20 x 4 steps raised large-organ Dice at 10% of the slices by 0.100 over the same heads
+# without experts (LiteMedSAM, 3 seeds) for ~25 min of CPU; full: the method's recipe, a GPU job.
+SSL_RECIPES = {"cached": (20, 4), "full": (150, 8)}
+# Fusions whose experts act without training: a plain sum of residuals or one routed expert. HL-Attn ("reduced",
+# "full") starts with a zero output projection, so its experts act only once stage 2 trains it through the encoder.
+UNGATED_FUSIONS = ("sum", "image", "patch", "pixel")
 
 
 class SettingsError(ValueError):
@@ -69,7 +76,8 @@ class AppSettings:
     checkpoint: str | None = None
     labels: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABELS))
     decoder: str = "samed"
-    fusion: str = "reduced"
+    # auto: HL-Attn ("reduced") where stage 2 trains it (full mode), the plain sum of the frozen experts in cached mode
+    fusion: str = "auto"
     device: str = "cpu"
     train_every: int = 1
     bootstrap: str = "auto"  # auto | off
@@ -81,8 +89,8 @@ class AppSettings:
     epochs: int = 0
     batch_size: int = 8
     lr: float = 0.0  # 0 = by backbone: PRETRAINED_LR for real weights, RANDOM_INIT_LR for a random-initialised one
-    ssl_steps: int = 150  # per expert, for the bootstrap
-    ssl_batch_size: int = 8
+    ssl_steps: int = 0  # per expert, for the bootstrap; 0 = by training mode (SSL_RECIPES)
+    ssl_batch_size: int = 0  # 0 = by training mode (SSL_RECIPES)
     context: str = "single"
     infer_batch_size: int = 1  # encoder batch; LiteMedSAM on a CPU: 1.06 s/slice at batch 1, 1.44 at 4 (memory-bound)
     # torch threads in the server and in each train/scoring subprocess; 0 keeps torch's default (one per core).
@@ -144,6 +152,21 @@ class AppSettings:
             return self.train_mode
         return "full" if self.device.startswith("cuda") else "cached"
 
+    def resolved_fusion(self) -> str:
+        """The fusion of the model: the conf value, or the training mode's ("auto")."""
+        if self.fusion != "auto":
+            return self.fusion
+        return "reduced" if self.resolved_train_mode() == "full" else "sum"
+
+    def resolved_ssl(self) -> tuple[int, int]:
+        """(steps per expert, batch size) of the SSL bootstrap: the conf values, or the training mode's."""
+        steps, batch = SSL_RECIPES[self.resolved_train_mode()]
+        return self.ssl_steps or steps, self.ssl_batch_size or batch
+
+    def experts_act(self) -> bool:
+        """Whether SSL experts change what stage 2 trains on: through HL-Attn trained in full mode, or ungated."""
+        return self.resolved_train_mode() == "full" or self.resolved_fusion() in UNGATED_FUSIONS
+
     def resolved_precision(self, through_encoder: bool) -> str:
         """The training precision of a job ("fp32" or "bf16"); only jobs through the encoder gain from bf16."""
         if not through_encoder or self.train_precision == "fp32":
@@ -203,6 +226,8 @@ class AppSettings:
             raise SettingsError("conf max_voxels: must be >= 0 (0 = no limit)")
         if self.lr < 0:
             raise SettingsError("conf lr: must be >= 0 (0 = the backbone's default)")
+        if self.ssl_steps < 0 or self.ssl_batch_size < 0:
+            raise SettingsError("conf ssl_steps, ssl_batch_size: must be >= 0 (0 = the training mode's default)")
         if self.epochs < 0:
             raise SettingsError("conf epochs: must be >= 0 (0 = the training mode's default)")
         if self.embedding_cache_gb < 0:
@@ -237,7 +262,7 @@ class AppSettings:
             checkpoint=self.checkpoint,
             labels=dict(self.labels),
             decoder=self.decoder,
-            fusion=self.fusion,
+            fusion=self.resolved_fusion(),
             context=self.context,
             finetune_experts=not self.pretrained
             if self.finetune_experts == "auto"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
-from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.trainers.processes import REQUEST_DEFAULTS, jobs_root, request_plan
@@ -21,16 +22,18 @@ log = logging.getLogger(__name__)
 
 
 class SamoraBootstrapTrainer(TrainTask):
-    """Image-, patch- and pixel-level SSL over the datastore's images (never their labels)."""
+    """Image-, patch- and pixel-level SSL over the datastore's images (never their labels); then, where the experts
+    act and a model version exists, `refresh` (the `samora` trainer) publishes a version trained with them."""
 
-    def __init__(self, runtime: ModelRuntime) -> None:
+    def __init__(self, runtime: ModelRuntime, refresh: Callable[[dict, Datastore], dict] | None = None) -> None:
         super().__init__("SAMora stage-1 self-supervised bootstrap of the image/patch/pixel LoRA experts")
         self.runtime = runtime
+        self.refresh = refresh
         self.stats_file = StatsFile(runtime.store.root / "train_stats_samora_ssl.json")
 
     def config(self) -> dict:
-        s = self.runtime.settings
-        return {"max_steps": s.ssl_steps, "batch_size": s.ssl_batch_size, **REQUEST_DEFAULTS}
+        steps, batch = self.runtime.settings.resolved_ssl()
+        return {"max_steps": steps, "batch_size": batch, **REQUEST_DEFAULTS}
 
     def stats(self) -> dict:
         return self.stats_file.read()
@@ -94,4 +97,16 @@ class SamoraBootstrapTrainer(TrainTask):
             "levels": {k: {"final_loss": v.get("final_loss"), "steps": v.get("steps")} for k, v in summary.items()},
         }
         self.stats_file.write(final)
+        final["refreshed"] = self.refresh_version(request, datastore)
         return final
+
+    def refresh_version(self, request: dict, datastore: Datastore) -> dict | None:
+        """Train and publish a version with the new experts when they act and the served version predates them, so
+        that annotators get them now rather than after their next saved label; None when there is nothing to do."""
+        version = self.runtime.store.current_version()
+        if self.refresh is None or not self.runtime.settings.experts_act() or not version:
+            return None
+        if not datastore.get_labeled_images(DefaultLabelTag.FINAL):
+            return None
+        log.info("SSL experts ready: training a model version with them (version %d predates them)", version)
+        return self.refresh({k: request[k] for k in REQUEST_DEFAULTS if k in request}, datastore)
