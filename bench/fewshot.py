@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -67,7 +68,7 @@ REAL = {
     "seeds": [0, 1, 2],
     "budgets": [0.05, 0.1, 1.0],
     "methods": [
-        *("zeroshot", "heads", "samora_cached", "unet", "segresnet", "samed", "samora", "hsam_ssl"),
+        *("zeroshot", "zeroshot_sum", "heads", "samora_cached", "unet", "segresnet", "samed", "samora", "hsam_ssl"),
         *("samed_bf16", "samora_bf16", "hsam_ssl_bf16"),
     ],
     "image_size": 256,
@@ -336,7 +337,7 @@ def run_fewshot_job(method: str, budget: float, seed: int, settings: dict[str, A
     start = time.perf_counter()
     spec = METHODS[method]
     if spec.kind == "zeroshot":
-        return run_zeroshot_job(settings, start)
+        return run_zeroshot_job(spec, seed, settings, start)
     case = load_case(settings["data"], tuple(settings["window_hu"]))
     split = split_slabs(case.labels.shape[case.axis])
     chosen = budget_indices(split.train, budget, seed)
@@ -457,9 +458,10 @@ def history_fields(history: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_zeroshot_job(settings: dict[str, Any], start: float) -> dict[str, Any]:
+def run_zeroshot_job(spec: Method, seed: int, settings: dict[str, Any], start: float) -> dict[str, Any]:
     """Reference line: each organ on each test slice prompted with its own truth box (the pretrained prompt path of
-    bench/zeroshot.py protocol (a)), scored per organ over the test slabs like the prompt-free rows."""
+    bench/zeroshot.py protocol (a)), scored per organ over the test slabs like the prompt-free rows. With `spec.ssl`
+    the runtime serves the seed's SSL experts, as the app does once its bootstrap has run."""
     import zeroshot
 
     from samora.data.intensity import set_ct_window
@@ -470,9 +472,16 @@ def run_zeroshot_job(settings: dict[str, Any], start: float) -> dict[str, Any]:
     set_ct_window(case.window)  # the runtime windows the volume as the app does
     split = split_slabs(case.labels.shape[case.axis])
     with tempfile.TemporaryDirectory() as models:
+        if spec.ssl:  # the model folder's experts, where the app's bootstrap saves them
+            experts = Path(settings["experts"][ssl_key(seed, spec.precision)])
+            (Path(models) / "experts").mkdir()
+            for file in experts.glob("expert_*"):
+                shutil.copy2(file, Path(models) / "experts" / file.name)
         app = AppSettings(
             preset=settings["preset"],
+            image_size=settings["image_size"],  # the preset's own unless a profile sets it (quick: 64)
             labels=case.label_map,
+            fusion=spec.fusion,
             embedding_cache_gb=0.0,
             device=settings["device"],
             encoder_path="fp32",  # the same encoder arithmetic as the trained rows
@@ -486,9 +495,9 @@ def run_zeroshot_job(settings: dict[str, Any], start: float) -> dict[str, Any]:
             organ, _ = zeroshot.per_slice(scan, (case.labels == label) & in_test)
             pred[organ.astype(bool) & (pred == 0)] = label  # overlaps: the first organ keeps the voxel
     return {
-        "method": "zeroshot",
+        "method": spec.key,
         "budget": 0.0,
-        "seed": 0,
+        "seed": seed if spec.ssl else 0,
         "n_train_slices": 0,
         "trainable_params": 0,
         "train_seconds": 0.0,
@@ -529,11 +538,10 @@ def job_key(method: str, budget: float, seed: int) -> str:
 
 
 def runs_here(method: Method, budget: float, seed: int, base: dict[str, Any]) -> bool:
-    """Whether (method, budget, seed) is one of this run's jobs: the zero-shot reference once (no budget, no seed),
-    the full-stage rows only at FULL_STAGE_CPU when base["full_stage"] is "cpu"."""
-    first = (budget, seed) == (base["budgets"][0], base["seeds"][0])
+    """Whether (method, budget, seed) is one of this run's jobs: the zero-shot reference once (no budget, no seed;
+    once per seed with SSL experts), the full-stage rows only at FULL_STAGE_CPU when base["full_stage"] is "cpu"."""
     if method.kind == "zeroshot":
-        return first
+        return budget == base["budgets"][0] and (method.ssl or seed == base["seeds"][0])
     full_stage = method.kind == "sam" and method.train_mode == "full"
     if full_stage and base["full_stage"] == "cpu":
         return (budget, seed) == FULL_STAGE_CPU

@@ -96,6 +96,14 @@ METHODS: dict[str, Method] = {
             "(r) zero-shot box prompt from each test slice's truth (reference, not prompt-free)",
             kind="zeroshot",
         ),
+        # what the app's cached mode serves prompts with once its bootstrap has run: the same encoder as samora_cached
+        Method(
+            "zeroshot_sum",
+            "(r') the same zero-shot box prompt through the encoder with the seed's frozen SSL experts (sum)",
+            kind="zeroshot",
+            fusion="sum",
+            ssl=True,
+        ),
     )
 }
 
