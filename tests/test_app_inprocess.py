@@ -186,3 +186,28 @@ def test_experts_from_a_later_bootstrap_reach_a_new_version_when_it_ends(tmp_pat
         image = torch.rand(1, 3, trained.config.image_size, trained.config.image_size)
         with torch.no_grad():
             assert not torch.allclose(first.encode(image), trained.encode(image), atol=1e-4)
+
+
+def test_a_failed_refresh_after_the_bootstrap_keeps_its_experts_and_says_why(tmp_path, monkeypatch):
+    """The bootstrap's own work (the experts) is saved before the version refresh; a refresh that fails leaves the
+    bootstrap DONE, the served version as it was, and the `samora` trainer's stats naming the reason."""
+    from conftest import app_client
+
+    import samora.serving.finetuning as finetuning
+    from samora.engine.store import ModelStore
+
+    with app_client(tmp_path, monkeypatch, epochs=1) as client:
+        assert client.post("/train/samora?run_sync=true", json={}).status_code == 200
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("disk full while training")
+
+        monkeypatch.setattr(finetuning, "finetune", broken)
+        r = client.post("/train/samora_ssl?run_sync=true", json={})
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "DONE" and "disk full" in r.json()["refreshed"]["error"]
+        stats = client.get("/info/").json()["train_stats"]
+        assert stats["samora"]["status"] == "ERROR" and "disk full" in stats["samora"]["error"]
+        assert stats["samora_ssl"]["status"] == "DONE"
+    store = ModelStore(tmp_path / "model")
+    assert store.current_version() == 1 and len(store.expert_files()) == 3

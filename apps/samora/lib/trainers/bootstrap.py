@@ -9,6 +9,7 @@ from collections.abc import Callable
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.failures import training_failure_report
 from lib.trainers.processes import REQUEST_DEFAULTS, jobs_root, request_plan
 from lib.trainers.stats import StatsFile
 from samora.config import EXPERTS
@@ -109,4 +110,10 @@ class SamoraBootstrapTrainer(TrainTask):
         if not datastore.get_labeled_images(DefaultLabelTag.FINAL):
             return None
         log.info("SSL experts ready: training a model version with them (version %d predates them)", version)
-        return self.refresh({k: request[k] for k in REQUEST_DEFAULTS if k in request}, datastore)
+        try:
+            with training_failure_report("samora", self.refresh):  # the samora trainer's stats say why
+                return self.refresh({k: request[k] for k in REQUEST_DEFAULTS if k in request}, datastore)
+        except Exception as e:  # the experts are saved and the next training takes them: the bootstrap succeeded
+            reason = getattr(e, "detail", None) or f"{type(e).__name__}: {e}"
+            log.error("no model version with the new experts yet (%s); the next training will use them", reason)
+            return {"status": "ERROR", "error": reason}
