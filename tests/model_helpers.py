@@ -20,14 +20,15 @@ def perturb_expert(model: SamoraModel, name: str, scale: float = 0.5) -> None:
 
 
 def make_everything_non_trivial(model: SamoraModel) -> SamoraModel:
-    """Perturb every expert and the fusion output projections (zero at init), then freeze for a save/load check:
-    a round trip that dropped any of them would change the output."""
+    """Perturb every expert and the HL-Attn output projections (zero at init; absent with sum fusion), then freeze
+    for a save/load check: a round trip that dropped any of them would change the output."""
     for name in EXPERTS:
         perturb_expert(model, name, 0.05)
     model.set_stage("finetune")
     with torch.no_grad():
         for site in model.backbone.attention_sites():
-            torch.nn.init.normal_(site.fusion.up.weight, std=0.05)
+            if site.fusion is not None:
+                torch.nn.init.normal_(site.fusion.up.weight, std=0.05)
     return model.eval()
 
 
