@@ -34,13 +34,36 @@ def test_targets_are_judged_from_the_numbers(tmp_path: Path) -> None:
     runs += [_run("unet", 0.1, 0, 0.20), _run("samed", 0.1, 0, 0.39), _run("heads", 0.1, 0, 0.35)]
     text = _summary_of(tmp_path, runs)
     assert "| samora_cached | 0.405 ± 0.005 / 0.355 (2 seeds) |" in text
-    assert "Against `unet` (0.200): +0.205 large-organ mean Dice; target >= +0.15: **met**" in text
-    assert "Against `samed` (0.390): +0.015 large-organ mean Dice; target >= +0.03: **missed**" in text
+    assert (
+        "Against `unet` (0.200, seeds [0]): +0.205" in text
+        and "seeds [0]: +0.200 (+0.200); target >= +0.15: **met**" in text
+    )
+    assert (
+        "Against `samed` (0.390, seeds [0]): +0.015 large-organ mean Dice against our mean of seeds [0, 1]; paired on "
+        "the shared seeds [0]: +0.010 (+0.010); target >= +0.03: **missed**" in text
+    )
 
     pair = {"reference": "samed", "ssl_method": "samora_cached", "total_epochs": 10.0, "target_dice": 0.3,
             "ssl_epochs_to_target": 4.0}  # fmt: skip
     _write(tmp_path, "efficiency_litemedsam.json", {"analysis": {"pairs": [pair]}})
     assert "after 4.0 of 10.0 epochs (40%; target <= 30%: **missed**)" in real_summary.render(tmp_path)
+
+
+def test_rows_with_different_seeds_are_judged_on_the_seeds_they_share(tmp_path: Path) -> None:
+    """Three seeds whose mean passes a one-seed reference by the target, while the shared seed does not: missed."""
+    runs = [_run("samora_cached", 0.1, s, large) for s, large in ((0, 0.37), (1, 0.49), (2, 0.52))]
+    runs += [
+        _run("samed", 0.1, 0, 0.41),
+        _run("unet", 0.1, 0, 0.2),
+        _run("unet", 0.1, 1, 0.2),
+        _run("unet", 0.1, 2, 0.2),
+    ]
+    text = _summary_of(tmp_path, runs)
+    assert "Against `unet` (0.200): +0.260 large-organ mean Dice; target >= +0.15: **met**" in text
+    assert "+0.050 large-organ mean Dice against our mean of seeds [0, 1, 2]" in text
+    assert "paired on the shared seeds [0]: -0.040 (-0.040); target >= +0.03: **missed**" in text
+    samed_elsewhere = [r for r in runs if r["method"] != "samed"] + [_run("samed", 0.1, 5, 0.3)]
+    assert "no seed in common, so the target (>= +0.03) is **not judged**" in _summary_of(tmp_path, samed_elsewhere)
 
 
 def test_nothing_to_say_without_the_real_weight_record(tmp_path: Path) -> None:
