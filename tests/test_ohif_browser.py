@@ -23,7 +23,11 @@ from PIL import Image
 from samora.data.dicom_grid import read_series_headers
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import TimeoutException, WebDriverException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    TimeoutException,
+    WebDriverException,
+)
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
@@ -109,7 +113,9 @@ def _coloured(pixels: np.ndarray) -> np.ndarray:
 
 def _wait(driver, seconds: float, condition, what: str):
     try:
-        return WebDriverWait(driver, seconds, poll_frequency=1).until(condition)
+        # the viewer may replace a canvas between finding it and reading it: poll again rather than fail
+        wait = WebDriverWait(driver, seconds, poll_frequency=1, ignored_exceptions=[StaleElementReferenceException])
+        return wait.until(condition)
     except TimeoutException:
         pytest.fail(f"OHIF: {what} not seen within {seconds:.0f}s; page text: {_text(driver)[:1500]}")
 
