@@ -603,7 +603,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = ssl_spec_for(base, preset=preset, checkpoint=args.checkpoint, data=data, window_hu=window_for(preset))
     ssl_info = build_ssl_cache(work, spec) if needs_ssl else None
     settings = job_settings(args, base=base, preset=preset, spec=spec, epoch_steps=epoch_steps)
-    jobs = ssl_jobs_for(base, work=work, spec=spec) + fewshot_jobs(base, settings)
+    # a report shows every journalled job of the listed rows, full-stage seeds run elsewhere (a GPU) included
+    listed = {**base, "full_stage": "all"} if args.report else base
+    jobs = ssl_jobs_for(base, work=work, spec=spec) + fewshot_jobs(listed, settings)
     print(f"fewshot: {len(jobs)} jobs on {args.workers} workers x {args.threads} thread(s)", flush=True)
     journal, done = open_fewshot_journal(args, base=base, settings=settings, jobs=jobs)
     context = {"args": args, "base": base, "settings": settings, "spec": spec, "ssl_info": ssl_info, "split": split}
