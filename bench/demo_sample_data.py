@@ -281,15 +281,10 @@ def _infer_unlabeled(
     server: ServerProcess, unlabeled: list[str], *, truth: Path, record: dict[str, Any], clock: _Clock
 ) -> None:
     """Infer `samora` on every unlabelled study and score it; records per-study and mean Dice (model version 1)."""
-    import numpy as np
-
     t = time.monotonic()
-    per_study = {
-        image_id: _score_study(server, image_id=image_id, truth=truth, log=clock.log) for image_id in unlabeled
-    }
+    per_study, mean = _score_studies(server, unlabeled, truth=truth, log=clock.log)
     clock.phase("infer", t)
-    record["per_study"] = per_study
-    record["mean_dice"] = round(float(np.mean([s["mean_dice"] for s in per_study.values()])), 4)
+    record["per_study"], record["mean_dice"] = per_study, mean
     versions = {s["model_version"] for s in per_study.values()}
     if versions != {1}:
         raise DemoError(f"inference used model version(s) {versions}, expected the freshly trained 1")
@@ -300,25 +295,33 @@ def _after_bootstrap(
 ) -> None:
     """Wait for the SSL bootstrap the app queued after the first version (it publishes a version trained with its
     experts where they act), then score the unlabelled studies again; recorded under `after_bootstrap`."""
-    import numpy as np
-
     clock.log("waiting for the SSL bootstrap (samora_ssl) and the version it publishes")
     t = time.monotonic()
     tasks = _wait_for_trainers(server, budget, clock.log, trainers=("samora_ssl",))
     clock.phase("bootstrap", t)
     task = tasks["samora_ssl"]
     stats = server.client.info()["train_stats"]
-    per_study = {i: _score_study(server, image_id=i, truth=truth, log=clock.log) for i in unlabeled}
+    per_study, mean = _score_studies(server, unlabeled, truth=truth, log=clock.log)
     clock.phase("infer_after_bootstrap", task["observed_done"])
     record["after_bootstrap"] = {
         "bootstrap_task_s": round(task["observed_done"] - (task["observed_running"] or t), 1),
         "train_stats": {k: stats.get(k) for k in ("samora_ssl", "samora")},
         "per_study": per_study,
-        "mean_dice": round(float(np.mean([s["mean_dice"] for s in per_study.values()])), 4),
+        "mean_dice": mean,
         "model_versions": sorted({s["model_version"] for s in per_study.values()}),
     }
     clock.log(f"after the bootstrap: mean Dice {record['after_bootstrap']['mean_dice']:.4f} (first version "
               f"{record['mean_dice']:.4f})")  # fmt: skip
+
+
+def _score_studies(
+    server: ServerProcess, image_ids: list[str], *, truth: Path, log: Callable[[str], None]
+) -> tuple[dict[str, dict], float]:
+    """Each study's scores (_score_study) and their mean Dice."""
+    import numpy as np
+
+    per_study = {i: _score_study(server, image_id=i, truth=truth, log=log) for i in image_ids}
+    return per_study, round(float(np.mean([s["mean_dice"] for s in per_study.values()])), 4)
 
 
 def _score_study(server: ServerProcess, *, image_id: str, truth: Path, log: Callable[[str], None]) -> dict[str, Any]:

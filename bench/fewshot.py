@@ -458,6 +458,17 @@ def history_fields(history: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def copy_experts(source: Path, target: Path) -> None:
+    """Every expert's weights and metadata from one folder into another."""
+    from samora.config import EXPERTS
+    from samora.ssl.experts_io import expert_paths
+
+    target.mkdir(parents=True, exist_ok=True)
+    for level in EXPERTS:
+        for path in expert_paths(source, level):
+            shutil.copy2(path, target / path.name)
+
+
 def run_zeroshot_job(spec: Method, seed: int, settings: dict[str, Any], start: float) -> dict[str, Any]:
     """Reference line: each organ on each test slice prompted with its own truth box (the pretrained prompt path of
     bench/zeroshot.py protocol (a)), scored per organ over the test slabs like the prompt-free rows. With `spec.ssl`
@@ -465,6 +476,7 @@ def run_zeroshot_job(spec: Method, seed: int, settings: dict[str, Any], start: f
     import zeroshot
 
     from samora.data.intensity import set_ct_window
+    from samora.engine.store import ModelStore
     from samora.serving.runtime import ModelRuntime
     from samora.serving.settings import AppSettings
 
@@ -473,10 +485,7 @@ def run_zeroshot_job(spec: Method, seed: int, settings: dict[str, Any], start: f
     split = split_slabs(case.labels.shape[case.axis])
     with tempfile.TemporaryDirectory() as models:
         if spec.ssl:  # the model folder's experts, where the app's bootstrap saves them
-            experts = Path(settings["experts"][ssl_key(seed, spec.precision)])
-            (Path(models) / "experts").mkdir()
-            for file in experts.glob("expert_*"):
-                shutil.copy2(file, Path(models) / "experts" / file.name)
+            copy_experts(Path(settings["experts"][ssl_key(seed, spec.precision)]), ModelStore(models).experts_dir)
         app = AppSettings(
             preset=settings["preset"],
             image_size=settings["image_size"],  # the preset's own unless a profile sets it (quick: 64)

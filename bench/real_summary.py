@@ -95,8 +95,8 @@ def comparison_line(few: dict, mode: str, other: str, budget: float, target: flo
     """The gap between two rows' seed means; where they ran different seeds, the gap paired on their shared seeds
     judges the target (a mean over more seeds against one seed compares draws, not methods)."""
     ours, theirs = seed_dice(few, mode, budget), seed_dice(few, other, budget)
-    gap = sum(ours.values()) / len(ours) - sum(theirs.values()) / len(theirs)
-    ref = sum(theirs.values()) / len(theirs)
+    ref = mean_std(theirs.values())[0]
+    gap = mean_std(ours.values())[0] - ref
     if set(ours) == set(theirs):
         return (
             f"Against `{other}` ({ref:.3f}): {gap:+.3f} large-organ mean Dice; target >= +{target:.2f}: "
@@ -109,7 +109,7 @@ def comparison_line(few: dict, mode: str, other: str, budget: float, target: flo
     )
     if not shared:
         return f"{head}; no seed in common, so the target (>= +{target:.2f}) is **not judged**."
-    paired = sum(ours[s] - theirs[s] for s in shared) / len(shared)
+    paired = mean_std(ours[s] - theirs[s] for s in shared)[0]
     per_seed = ", ".join(f"{ours[s] - theirs[s]:+.3f}" for s in shared)
     return (
         f"{head}; paired on the shared seeds {shared}: {paired:+.3f} ({per_seed}); target >= +{target:.2f}: "
