@@ -548,13 +548,22 @@ def job_key(method: str, budget: float, seed: int) -> str:
 
 def runs_here(method: Method, budget: float, seed: int, base: dict[str, Any]) -> bool:
     """Whether (method, budget, seed) is one of this run's jobs: the zero-shot reference once (no budget, no seed;
-    once per seed with SSL experts), the full-stage rows only at FULL_STAGE_CPU when base["full_stage"] is "cpu"."""
+    once per seed with SSL experts), the full-stage rows only at FULL_STAGE_CPU when base["full_stage"] is "cpu",
+    at its budget but every seed when "seeds"."""
     if method.kind == "zeroshot":
         return budget == base["budgets"][0] and (method.ssl or seed == base["seeds"][0])
     full_stage = method.kind == "sam" and method.train_mode == "full"
     if full_stage and base["full_stage"] == "cpu":
         return (budget, seed) == FULL_STAGE_CPU
+    if full_stage and base["full_stage"] == "seeds":
+        return budget == FULL_STAGE_CPU[0]
     return True
+
+
+def curve_budgets(full_stage: str) -> list[float]:
+    """The budgets whose runs record held-out curves (bench/efficiency.py): where the full-stage rows run, 100% or
+    FULL_STAGE_CPU's budget on a CPU; a CPU run over more seeds keeps it, so its jobs join the same journal."""
+    return [1.0 if full_stage == "all" else FULL_STAGE_CPU[0]]
 
 
 def base_settings(args: argparse.Namespace, preset: str) -> dict[str, Any]:
@@ -677,8 +686,7 @@ def job_settings(
             for s in base["seeds"]
             for p in {m.precision for m in METHODS.values()}
         },
-        # held-out curves (bench/efficiency.py) where the full-stage rows run: 100%, or 10% on a CPU
-        "curve_budgets": [FULL_STAGE_CPU[0] if base["full_stage"] == "cpu" else 1.0],
+        "curve_budgets": curve_budgets(base["full_stage"]),
         "epoch_steps": epoch_steps,
     }
 
@@ -987,10 +995,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--full-stage",
-        choices=("cpu", "all"),
+        choices=("cpu", "seeds", "all"),
         default=None,
         help="rows that back-propagate through the encoder: 'cpu' runs them at 10%% with seed 0 only (the litemedsam "
-        "default), 'all' at every budget and seed (a GPU machine)",
+        "default), 'seeds' at 10%% with every listed seed (a long CPU run), 'all' at every budget and seed (a GPU "
+        "machine)",
     )
     return parser
 

@@ -80,3 +80,18 @@ def test_the_decode_benchmark_gives_the_same_labels_at_every_decode_batch(shared
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 4] and all(r["seconds"][0] > 0 for r in rows)
     assert rows[0]["labels_checksum"] == rows[1]["labels_checksum"] > 0
+
+
+def test_full_stage_seeds_runs_the_cpu_budget_at_every_seed_and_keeps_the_cpu_curve_budget():
+    import fewshot
+
+    base = {**fewshot.REAL, "full_stage": "seeds", "methods": ["hsam_ssl_bf16", "heads"], "seeds": [1, 2]}
+    keys = {job.key for job in fewshot.fewshot_jobs(base, settings={})}
+    budget = fewshot.FULL_STAGE_CPU[0]
+    assert {k for k in keys if k.startswith("hsam_ssl_bf16/")} == {
+        f"hsam_ssl_bf16/{budget}/1",
+        f"hsam_ssl_bf16/{budget}/2",
+    }
+    assert {k for k in keys if k.startswith("heads/")} == {f"heads/{b}/{s}" for b in base["budgets"] for s in (1, 2)}
+    # same held-out curve budget as the CPU default, so these jobs join the record's journal (same settings tag)
+    assert [fewshot.curve_budgets(mode) for mode in ("cpu", "seeds", "all")] == [[budget], [budget], [1.0]]
