@@ -84,6 +84,15 @@ def test_fusion_and_ssl_recipe_follow_the_training_mode():
         AppSettings.from_conf({"ssl_batch_size": "-1"})
 
 
+def test_tasks_pause_during_requests_on_a_cpu_unless_told_otherwise():
+    with pytest.raises(SettingsError, match="pause_tasks"):
+        AppSettings.from_conf({"pause_tasks": "yes"})
+    assert AppSettings.from_conf({}).pauses_tasks()
+    assert not AppSettings.from_conf({"device": "cuda"}).pauses_tasks()
+    assert AppSettings.from_conf({"device": "cuda", "pause_tasks": "on"}).pauses_tasks()
+    assert not AppSettings.from_conf({"pause_tasks": "off"}).pauses_tasks()
+
+
 def test_training_precision_is_bf16_only_through_the_encoder_and_where_native(monkeypatch):
     import samora.serving.settings as settings_module
 

@@ -21,6 +21,7 @@ from lib.failures import training_failure_report
 from lib.infers.prompt import SamoraPrompt
 from lib.infers.segmentation import SamoraSegmentation
 from lib.scoring.uncertainty import SamoraUncertaintyScoring
+from lib.task_pause import TaskPause
 from lib.trainers.bootstrap import SamoraBootstrapTrainer
 from lib.trainers.finetune import SamoraFinetuneTrainer
 from samora.data.intensity import set_ct_window
@@ -46,6 +47,8 @@ class SamoraApp(MONAILabelApp):
         set_ct_window(self.settings.window())
         model_dir = self.settings.model_dir or os.path.join(app_dir, "model")
         self.runtime = ModelRuntime(self.settings, model_dir)
+        # only the server pauses tasks; a task subprocess has none of its own to pause
+        self.task_pause = TaskPause(self.settings.pauses_tasks() and not is_task_subprocess())
         self._labels_since_training = 0
         if self.settings.preset == "litemedsam":
             log.info(
@@ -127,7 +130,8 @@ class SamoraApp(MONAILabelApp):
             self.async_training("samora_ssl", enqueue=True)
 
     def infer(self, request, datastore=None):
-        result = super().infer(request, datastore)
+        with self.task_pause.during_request():
+            result = super().infer(request, datastore)
         store = datastore or self.datastore()
         # OHIF's panel asks for NRRD and copies its bytes into its labelmap: give it the series' frame order
         if request.get("result_extension") == ".nrrd" and isinstance(store, SamoraDicomWebDatastore) and result["file"]:

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 TASK_MODULE = "monailabel.interfaces.utils.app"  # what MONAI Label's AsyncTask runs with `python -m`
 BACKGROUND_NICENESS = 10  # CFS weight ~110 against the server's 1024: ~10% of a core it is asked for
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# SIGKILL, not SIGTERM: a task stopped during a request (lib/task_pause.py) stayed stopped on a SIGTERM (tested)
+_DEATH_SIGNAL = signal.SIGKILL
 
 
 def is_task_subprocess() -> bool:
@@ -51,13 +53,13 @@ def _die_with_parent() -> None:
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        if libc.prctl(_PR_SET_PDEATHSIG, _DEATH_SIGNAL, 0, 0, 0) != 0:
             log.warning("could not tie the task to the server's life: errno %d", ctypes.get_errno())
     except (OSError, AttributeError) as e:
         log.warning("could not tie the task to the server's life: %s", e)
         return
     if os.getppid() == 1:  # the server ended before the signal was armed
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), _DEATH_SIGNAL)
 
 
 def end_tasks_on_stop() -> None:
@@ -87,3 +89,4 @@ def _terminate_tasks() -> None:
             if process.poll() is None:
                 log.info("server stopping: ending the %s task (pid %d)", method, process.pid)
                 process.terminate()
+                process.send_signal(signal.SIGCONT)  # stopped during a request (lib/task_pause.py): wake it to end

@@ -124,6 +124,9 @@ class AppSettings:
     # took a third of fp32's time per LiteMedSAM step on a CPU with avx512_bf16; auto = bf16 where the device computes
     # bf16 natively. Cached-mode training (small decoders on stored embeddings) stays fp32.
     train_precision: str = "fp32"
+    # stop the task subprocesses (training, SSL, scoring) while a request runs in the server (apps/samora/lib/
+    # task_pause.py); auto = on a CPU, where they share the cores with the request, off on CUDA
+    pause_tasks: str = "auto"
 
     def __post_init__(self) -> None:
         if self.image_size == 0:
@@ -151,6 +154,10 @@ class AppSettings:
         if self.train_mode != "auto":
             return self.train_mode
         return "full" if self.device.startswith("cuda") else "cached"
+
+    def pauses_tasks(self) -> bool:
+        """Whether requests stop the task subprocesses while they run (conf pause_tasks)."""
+        return self.pause_tasks == "on" or (self.pause_tasks == "auto" and self.device == "cpu")
 
     def resolved_fusion(self) -> str:
         """The fusion of the model: the conf value, or the training mode's ("auto")."""
@@ -242,6 +249,8 @@ class AppSettings:
             raise SettingsError(f"conf encoder_path: {self.encoder_path!r} must be one of {', '.join(ENCODER_PATHS)}")
         if self.train_precision not in ("auto", *TRAIN_PRECISIONS):
             raise SettingsError(f"conf train_precision: {self.train_precision!r} must be auto, fp32 or bf16")
+        if self.pause_tasks not in ("auto", "on", "off"):
+            raise SettingsError(f"conf pause_tasks: {self.pause_tasks!r} must be auto, on or off")
         if self.train_mode not in ("auto", "full", "cached"):
             raise SettingsError(f"conf train_mode: {self.train_mode!r} must be auto, full or cached")
         self.window()
