@@ -117,20 +117,38 @@ def test_embedding_store_keeps_each_path_in_its_own_folder(model, tmp_path):
     assert a.shape == b.shape and not (a == b).all()  # bf16 embeddings never stand in for fp32 ones
 
 
-def test_the_onnx_path_gives_fp32_embeddings_for_any_batch(model):
+@pytest.mark.parametrize("name", ["onnx", "openvino"])
+def test_the_exported_paths_give_fp32_embeddings_for_any_batch(model, name):
     x = torch.rand(3, 3, 64, 64)
     reference = model.encode(x).detach()
-    exported = PathEncoder(model, PATHS["onnx"])
+    exported = PathEncoder(model, PATHS[name])
     out = exported(x)
     assert exported.onnx is not None and out.dtype == torch.float32 and out.shape == reference.shape
     assert float((out - reference).norm() / reference.norm()) < encoder_path.EXACT  # the same encoder, exported
     torch.testing.assert_close(exported(x[:1]), out[:1], rtol=1e-4, atol=1e-5)  # batch size is not baked in
 
 
-def test_the_onnx_path_says_what_it_needs_where_it_cannot_run(model, monkeypatch):
+def test_openvino_in_bf16_stays_within_the_probe_tolerance_of_fp32(model):
+    x = torch.rand(2, 3, 64, 64)
+    reference = model.encode(x).detach()
+    out = PathEncoder(model, PATHS["openvino-bf16"])(x)
+    error = float((out - reference).norm() / reference.norm())
+    assert out.dtype == torch.float32 and error < encoder_path.TOLERANCE
+    if encoder_path.cpu_supports_bf16():
+        assert error > encoder_path.EXACT  # really computed in bf16 where the CPU has it
+        assert "openvino-bf16" in encoder_path.candidates("cpu")
+
+
+def test_the_exported_paths_say_what_they_need_where_they_cannot_run(model, monkeypatch):
     with pytest.raises(ValueError, match="runs on the CPU only"):
         PathEncoder(model, PATHS["onnx"], "meta")
-    monkeypatch.setattr(encoder_path.onnx_encoder, "available", lambda: False)
+    monkeypatch.setattr(encoder_path.onnx_encoder, "available", lambda runtime="onnxruntime": runtime != "openvino")
+    with pytest.raises(RuntimeError, match="needs the onnx and openvino packages"):
+        PathEncoder(model, PATHS["openvino-bf16"])
+    assert "onnx" in encoder_path.candidates("cpu") and not {"openvino", "openvino-bf16"} & set(
+        encoder_path.candidates("cpu")
+    )
+    monkeypatch.setattr(encoder_path.onnx_encoder, "available", lambda runtime="onnxruntime": False)
     with pytest.raises(RuntimeError, match="needs the onnx and onnxruntime packages"):
         PathEncoder(model, PATHS["onnx"])
     assert "onnx" not in encoder_path.candidates("cpu")

@@ -34,8 +34,9 @@ LOSSY_MARGIN = 0.9  # a lossy path is kept only if it takes under 90% of the bes
 
 @dataclass(frozen=True)
 class EncoderPath:
-    """One way to run the encoder: autocast dtype (None = fp32), BN folded, channels-last activations, and the
-    engine that runs it (torch, or the exported graph in ONNX Runtime)."""
+    """One way to run the encoder: autocast dtype (None = fp32; for OpenVINO its inference precision), BN folded,
+    channels-last activations, and the engine that runs it (torch, or the exported graph in ONNX Runtime or
+    OpenVINO)."""
 
     name: str
     dtype: torch.dtype | None = None
@@ -53,6 +54,8 @@ PATHS: dict[str, EncoderPath] = {
         EncoderPath("bf16-cl", torch.bfloat16, fused=True, channels_last=True),
         EncoderPath("fp16", torch.float16, fused=True),
         EncoderPath("onnx", fused=True, engine="onnxruntime"),
+        EncoderPath("openvino", fused=True, engine="openvino"),
+        EncoderPath("openvino-bf16", torch.bfloat16, fused=True, engine="openvino"),
     )
 }
 CHOICES = ("auto", *PATHS)
@@ -62,11 +65,13 @@ def candidates(device: str | torch.device) -> list[str]:
     """Paths worth probing on this device, fp32 first (the reference)."""
     if torch.device(device).type == "cuda":
         return ["fp32", "fp32-fused", "bf16", "fp16"]
+    bf16 = cpu_supports_bf16()
     return [
         "fp32",
         "fp32-fused",
-        *(["bf16", "bf16-cl"] if cpu_supports_bf16() else []),
-        *(["onnx"] if onnx_encoder.available() else []),
+        *(["bf16", "bf16-cl"] if bf16 else []),
+        *(["onnx"] if onnx_encoder.available("onnxruntime") else []),
+        *((["openvino", "openvino-bf16"] if bf16 else ["openvino"]) if onnx_encoder.available("openvino") else []),
     ]
 
 
@@ -87,8 +92,8 @@ class PathEncoder:
 
     def __init__(self, model: SamoraModel, path: EncoderPath, device: str | torch.device = "cpu") -> None:
         self.path, self.device, self.model = path, torch.device(device), model
-        if path.engine == "onnxruntime":
-            self._check_onnx_runs_here()  # before copying the encoder for nothing
+        if path.engine != "torch":
+            self._check_exported_runs_here()  # before copying the encoder for nothing
         encoder = model.backbone.encoder
         if path.fused or path.channels_last:
             encoder = copy.deepcopy(encoder).eval()
@@ -97,16 +102,19 @@ class PathEncoder:
             if path.channels_last:
                 encoder = encoder.to(memory_format=torch.channels_last)
         self.encoder = encoder
-        self.onnx = self._exported(model, path) if path.engine == "onnxruntime" else None
+        self.onnx = self._exported(model, path) if path.engine != "torch" else None
 
-    def _check_onnx_runs_here(self) -> None:
+    def _check_exported_runs_here(self) -> None:
         if self.device.type != "cpu":
             raise ValueError(f"encoder path {self.path.name!r} runs on the CPU only, not on {self.device}")
-        if not onnx_encoder.available():
-            raise RuntimeError(f"encoder path {self.path.name!r} needs the onnx and onnxruntime packages")
+        if not onnx_encoder.available(self.path.engine):
+            raise RuntimeError(f"encoder path {self.path.name!r} needs the onnx and {self.path.engine} packages")
 
-    def _exported(self, model: SamoraModel, path: EncoderPath) -> onnx_encoder.OnnxEncoder:
-        return onnx_encoder.OnnxEncoder(type(model.backbone), self.encoder, model.config.image_size)
+    def _exported(self, model: SamoraModel, path: EncoderPath) -> onnx_encoder.ExportedEncoder:
+        precision = "bf16" if path.dtype == torch.bfloat16 else "f32"
+        return onnx_encoder.ExportedEncoder(
+            type(model.backbone), self.encoder, model.config.image_size, runtime=path.engine, precision=precision
+        )
 
     def _autocast(self):
         if self.path.dtype is None:
@@ -119,7 +127,7 @@ class PathEncoder:
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != size:
             raise ValueError(f"expected images (B, 3, {size}, {size}), got {tuple(images.shape)}")
         if self.onnx is not None:
-            return self.onnx(images)  # a fresh contiguous float32 array from ONNX Runtime
+            return self.onnx(images)  # a fresh contiguous float32 array from the exported graph's runtime
         if self.path.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with self._autocast():
@@ -145,7 +153,9 @@ class TrainingEncoder:
     def suits(model: SamoraModel, device: str | torch.device) -> bool:
         """A pretrained (full-size, ~1 s per slice) encoder on a CPU with ONNX Runtime installed; the random tiny
         presets encode in milliseconds, less than an export costs."""
-        return torch.device(device).type == "cpu" and model.backbone.pretrained and onnx_encoder.available()
+        return (
+            torch.device(device).type == "cpu" and model.backbone.pretrained and onnx_encoder.available("onnxruntime")
+        )
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.encoder is None:
