@@ -61,18 +61,31 @@ PATHS: dict[str, EncoderPath] = {
 CHOICES = ("auto", *PATHS)
 
 
+# Lossy CPU paths failed the zero-shot Dice guard (docs/benchmarks.md §4.2): bf16-cl and openvino-bf16 each moved
+# the right adrenal gland's Dice by -0.013 (guard 0.005), and bf16 computes as bf16-cl does (embedding errors within
+# 0.0001). The probe never chooses them; a user who segments large organs only can force one (conf encoder_path).
+GUARD_FAILED_CPU = ("bf16", "bf16-cl", "openvino-bf16")
+
+
 def candidates(device: str | torch.device) -> list[str]:
-    """Paths worth probing on this device, fp32 first (the reference)."""
+    """Paths the start-up probe may choose on this device, fp32 first (the reference)."""
     if torch.device(device).type == "cuda":
         return ["fp32", "fp32-fused", "bf16", "fp16"]
-    bf16 = cpu_supports_bf16()
     return [
         "fp32",
         "fp32-fused",
-        *(["bf16", "bf16-cl"] if bf16 else []),
         *(["onnx"] if onnx_encoder.available("onnxruntime") else []),
-        *((["openvino", "openvino-bf16"] if bf16 else ["openvino"]) if onnx_encoder.available("openvino") else []),
+        *(["openvino"] if onnx_encoder.available("openvino") else []),
     ]
+
+
+def benchmarked(device: str | torch.device) -> list[str]:
+    """The probe's candidates and, on a CPU that computes bf16 natively, the lossy paths a user may force
+    (bench/speed.py times them all)."""
+    if torch.device(device).type == "cuda" or not cpu_supports_bf16():
+        return candidates(device)
+    lossy = [p for p in GUARD_FAILED_CPU if PATHS[p].engine == "torch" or onnx_encoder.available(PATHS[p].engine)]
+    return candidates(device) + lossy
 
 
 def fold_batch_norms(module: nn.Module) -> int:
