@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from samora.data import load_volume
 from samora.data.intensity import set_ct_window
-from samora.engine.encoder_path import PATHS, PathEncoder, benchmarked
+from samora.engine.encoder_path import PATHS, PathEncoder, benchmarked, candidates
 from samora.engine.inference import segment_volume
 from samora.serving.interactive import Prompt, refine
 from samora.serving.runtime import ModelRuntime
@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="samora-speed-") as model_dir:
         runtime = ModelRuntime(settings, model_dir)
         image = runtime.slice_input(args.volume, load_volume(args.volume).shape[2] // 2).to(args.device)
-        names = benchmarked(args.device)
+        # --quick (a smoke run) times the probe's candidates only: each exported path costs an export and a compile
+        names = candidates(args.device) if args.quick else benchmarked(args.device)
         record["paths"] = bench_paths(runtime, image, names, 1 if args.quick else args.repeats)
         record["chosen_path"] = runtime.encoder_info()
         record["prompts"] = bench_prompts(runtime, args.volume, 8 if args.quick else args.box_slices)
