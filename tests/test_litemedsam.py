@@ -238,12 +238,18 @@ def test_day_one_3d_roi_prompt_segments_the_liver_of_real_ct(shared_data, tmp_pa
     assert score >= 0.88
 
 
-def test_cached_training_stores_real_weight_embeddings_from_onnx_runtime_once(tmp_path, monkeypatch):
-    """Cached mode encodes a pretrained encoder's slices with ONNX Runtime (2.2-2.4x eager fp32 on a CPU), once: a
-    second training on the same slices exports nothing, and what it stored is the model's own embedding."""
+@pytest.mark.parametrize("missing_runtime, expected_path", [(None, "openvino"), ("openvino", "onnx")])
+def test_cached_training_stores_real_weight_embeddings_from_an_exported_encoder_once(
+    tmp_path, monkeypatch, missing_runtime, expected_path
+):
+    """Cached mode encodes a pretrained encoder's slices with OpenVINO (ONNX Runtime where OpenVINO is missing), once:
+    a second training on the same slices exports nothing, and what it stored is the model's own embedding."""
     model = SamoraModel(ModelConfig(preset="litemedsam", image_size=256, labels=LABELS))
     images, labels = slices(2, seed=3)
     data = LabeledSlices(images.astype(np.float16), labels, ["synthetic"] * 2)
+    installed = encoder_path.onnx_encoder.available
+    only_installed = lambda rt="onnxruntime": rt != missing_runtime and installed(rt)  # noqa: E731
+    monkeypatch.setattr(encoder_path.onnx_encoder, "available", only_installed)
     built = []
     path_encoder = encoder_path.PathEncoder
     monkeypatch.setattr(encoder_path, "PathEncoder", lambda m, p, *a: built.append(p.name) or path_encoder(m, p, *a))
@@ -251,14 +257,14 @@ def test_cached_training_stores_real_weight_embeddings_from_onnx_runtime_once(tm
     config.embedding_dir = str(tmp_path)
     finetune(model, data, config)
     finetune(model, data, config)
-    assert built == ["onnx"]
+    assert built == [expected_path]
     (folder,) = tmp_path.iterdir()
-    assert folder.name == f"{encoder_fingerprint(model)}-onnx"
+    assert folder.name == f"{encoder_fingerprint(model)}-{expected_path}"
 
     def must_not_encode(x):
         raise AssertionError("every slice should be on disk")
 
-    stored = EmbeddingStore(tmp_path, model, encoder=must_not_encode, path_name="onnx").embed(model, data.images)
+    stored = EmbeddingStore(tmp_path, model, encoder=must_not_encode, path_name=expected_path).embed(model, data.images)
     with torch.no_grad():
         reference = model.eval().encode(torch.as_tensor(data.images, dtype=torch.float32)).numpy()
     error = np.linalg.norm(stored.astype(np.float32) - reference) / np.linalg.norm(reference)
@@ -276,7 +282,8 @@ def test_the_onnx_encoder_path_takes_a_batch_of_real_weight_slices(model):
     assert float((exported - reference).norm() / reference.norm()) < 1e-4
 
 
-def test_the_onnx_path_keeps_sum_fused_experts_of_real_weights():
+@pytest.mark.parametrize("path", ["onnx", "openvino"])
+def test_the_exported_paths_keep_sum_fused_experts_of_real_weights(path):
     """The app's cached mode fuses trained SSL experts by their plain sum: the exported encoder that fills the
     training store must carry them (its embedding matches eager and differs from the expert-free one)."""
     from samora.config import EXPERTS
@@ -292,6 +299,6 @@ def test_the_onnx_path_keeps_sum_fused_experts_of_real_weights():
                     weight = layer.lora_B[level].weight
                     weight.copy_(0.02 * torch.randn(weight.shape, generator=generator))
         fused = model.encode(images)
-    exported = PathEncoder(model, PATHS["onnx"])(images)
+    exported = PathEncoder(model, PATHS[path])(images)
     assert float((fused - plain).norm() / plain.norm()) > 1e-2  # the experts change the embedding
     assert float((exported - fused).norm() / fused.norm()) < 1e-4

@@ -150,32 +150,38 @@ class PathEncoder:
 
 
 class TrainingEncoder:
-    """The encoder cached-mode training stores a pretrained backbone's embeddings with: ONNX Runtime on a CPU.
+    """The encoder cached-mode training stores a pretrained backbone's embeddings with: an exported graph on a CPU.
 
-    Training needs no probe: every exact path gives the same fp16-stored embedding, so only speed differs, and ONNX
-    Runtime was the fastest exact path on both CPUs measured (2.2x eager fp32 on AVX2, 2.4x on AVX-512). Exported on
-    the first slice to encode (a training that finds every slice cached pays nothing); if the export fails, the
-    BN-folded torch encoder takes over (exact to rounding too, so the folder's embeddings stay interchangeable)."""
+    Training needs no probe: every exact path gives the same fp16-stored embedding, so only speed differs. OpenVINO
+    in f32 came first on the AVX-512 host (0.58 s/slice against ONNX Runtime's 0.78 and eager fp32's 1.71, idle,
+    docs/benchmarks.md §4), ONNX Runtime next (2.2x eager fp32 on AVX2, 2.4x on AVX-512, session 11); the first one
+    installed is used. Exported on the first slice to encode (a training that finds every slice cached pays
+    nothing); if the export fails, the BN-folded torch encoder takes over (exact to rounding too, so the folder's
+    embeddings stay interchangeable)."""
 
-    path_name = "onnx"
+    PREFERENCE = ("openvino", "onnx")
 
     def __init__(self, model: SamoraModel) -> None:
         self.model, self.encoder = model, None
+        self.path_name = self.installed_path()
 
-    @staticmethod
-    def suits(model: SamoraModel, device: str | torch.device) -> bool:
-        """A pretrained (full-size, ~1 s per slice) encoder on a CPU with ONNX Runtime installed; the random tiny
-        presets encode in milliseconds, less than an export costs."""
-        return (
-            torch.device(device).type == "cpu" and model.backbone.pretrained and onnx_encoder.available("onnxruntime")
-        )
+    @classmethod
+    def installed_path(cls) -> str | None:
+        """The first exact exported path whose runtime is installed (None: neither is)."""
+        return next((name for name in cls.PREFERENCE if onnx_encoder.available(PATHS[name].engine)), None)
+
+    @classmethod
+    def suits(cls, model: SamoraModel, device: str | torch.device) -> bool:
+        """A pretrained (full-size, ~1 s per slice) encoder on a CPU with OpenVINO or ONNX Runtime installed; the
+        random tiny presets encode in milliseconds, less than an export costs."""
+        return torch.device(device).type == "cpu" and model.backbone.pretrained and cls.installed_path() is not None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.encoder is None:
             try:
                 self.encoder = PathEncoder(self.model, PATHS[self.path_name])
             except (RuntimeError, ValueError) as e:
-                log.warning("training embeddings: ONNX export failed (%s); encoding with fp32-fused instead", e)
+                log.warning("training embeddings: %s export failed (%s); encoding with fp32-fused", self.path_name, e)
                 self.encoder = PathEncoder(self.model, PATHS["fp32-fused"])
         return self.encoder(images)
 

@@ -193,13 +193,14 @@ def _optimizer(model: Segmenter, config: FinetuneConfig) -> torch.optim.Optimize
 
 
 def frozen_encoder_store(root: str, model: SamoraModel, device: str | torch.device):
-    """The embedding store of a frozen encoder outside the server (training, benchmarks): ONNX Runtime for a
-    pretrained encoder on a CPU, the eager encoder otherwise (see TrainingEncoder)."""
+    """The embedding store of a frozen encoder outside the server (training, benchmarks): an exported graph in
+    OpenVINO or ONNX Runtime for a pretrained encoder on a CPU, the eager encoder otherwise (see TrainingEncoder)."""
     from samora.engine.embeddings import EmbeddingStore
     from samora.engine.encoder_path import TrainingEncoder
 
     if TrainingEncoder.suits(model, device):
-        return EmbeddingStore(root, model, encoder=TrainingEncoder(model), path_name=TrainingEncoder.path_name)
+        encoder = TrainingEncoder(model)
+        return EmbeddingStore(root, model, encoder=encoder, path_name=encoder.path_name)
     return EmbeddingStore(root, model)
 
 
