@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -126,6 +127,32 @@ def test_the_exported_paths_give_fp32_embeddings_for_any_batch(model, name):
     assert exported.onnx is not None and out.dtype == torch.float32 and out.shape == reference.shape
     assert float((out - reference).norm() / reference.norm()) < encoder_path.EXACT  # the same encoder, exported
     torch.testing.assert_close(exported(x[:1]), out[:1], rtol=1e-4, atol=1e-5)  # batch size is not baked in
+
+
+@pytest.mark.parametrize("name", ["onnx", "openvino"])
+def test_the_exported_paths_encode_from_two_threads_at_once(model, name):
+    """The server encodes from a request's thread and the background pre-encoding thread at the same time: neither
+    may fail (one OpenVINO infer request refuses a second inference while busy) or get the other's embedding."""
+    exported = PathEncoder(model, PATHS[name])
+    images = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    expected = [exported(x) for x in images]
+    start, failures, mismatches = threading.Barrier(2), [], []
+
+    def encode_many(i: int) -> None:
+        start.wait()
+        for _ in range(40):
+            try:
+                if not torch.equal(exported(images[i]), expected[i]):
+                    mismatches.append(i)
+            except RuntimeError as e:
+                failures.append(str(e))
+
+    threads = [threading.Thread(target=encode_many, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures and not mismatches, (failures[:1], mismatches[:3])
 
 
 def test_openvino_in_bf16_stays_within_the_probe_tolerance_of_fp32(model):

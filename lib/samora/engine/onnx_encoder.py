@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
+import threading
 import time
 import warnings
 from types import SimpleNamespace
@@ -102,5 +103,13 @@ def _openvino_runner(graph: bytes, precision: str):
         "PERFORMANCE_HINT": "LATENCY",  # one stream: a slice at a time on every thread
     }
     compiled = core.compile_model(core.read_model(graph), "CPU", config)
-    request = compiled.create_infer_request()
-    return lambda one: request.infer({0: one})[0].copy()  # the request reuses its output buffer
+    # an infer request runs one inference at a time ("Infer Request is busy" otherwise), and the server encodes from
+    # two threads (a request and the background pre-encoding): one request per thread
+    requests = threading.local()
+
+    def run_one(one: np.ndarray) -> np.ndarray:
+        if not hasattr(requests, "request"):
+            requests.request = compiled.create_infer_request()
+        return requests.request.infer({0: one})[0].copy()  # the request reuses its output buffer
+
+    return run_one
