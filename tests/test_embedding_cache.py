@@ -13,6 +13,7 @@ import torch
 from app_helpers import app_conf
 
 from samora.data import load_volume
+from samora.engine import onnx_encoder
 from samora.engine.inference import segment_volume
 from samora.serving.embedding_cache import EmbeddingCache
 from samora.serving.prefetch import Prefetcher, nearest_first
@@ -108,6 +109,34 @@ def test_background_encoding_waits_while_a_foreground_request_runs():
         time.sleep(0.01)
     assert done == nearest_first(3, 8)
     prefetcher.stop(5)
+
+
+def test_a_background_slice_cancelled_for_a_request_is_encoded_first_after_it():
+    """The prefetcher's encodes run cancellable while no request runs: a request arriving mid-slice stops that slice
+    (as the OpenVINO path does), and the slice is the first one encoded again once the request has ended."""
+    done, started, cancelled_once = [], threading.Event(), []
+
+    def encode(path, k):
+        if k == 3 and not cancelled_once:
+            started.set()
+            while not onnx_encoder.stop_requested():  # an inference polling its stop condition
+                time.sleep(0.005)
+            cancelled_once.append(k)
+            raise onnx_encoder.EncodeCancelled("request arrived")
+        done.append(k)
+
+    prefetcher = Prefetcher(encode, lambda path, k: False)
+    prefetcher.request("study", 3, 6)
+    assert started.wait(5)
+    with prefetcher.foreground():
+        time.sleep(0.2)
+        assert cancelled_once == [3] and done == []  # the slice gave way; nothing else started during the request
+    deadline = time.time() + 5
+    while len(done) < 6 and time.time() < deadline:
+        time.sleep(0.01)
+    assert done == nearest_first(3, 6) and prefetcher.cancelled == 1
+    prefetcher.stop(5)
+    assert not onnx_encoder.stop_requested()  # outside the prefetcher nothing is cancellable
 
 
 def test_prefetch_warms_every_slice_so_prompts_encode_nothing(tmp_path):

@@ -271,6 +271,21 @@ def test_cached_training_stores_real_weight_embeddings_from_an_exported_encoder_
     assert error < 1e-3  # fp16 storage, not the path, sets this
 
 
+def test_an_openvino_encode_is_cancelled_part_way_and_its_request_still_serves(model):
+    """Background encoding runs cancellable: a LiteMedSAM slice (~0.6 s) is given up at the first poll once its stop
+    condition holds, and the thread's infer request then encodes the next slice correctly."""
+    from samora.engine import onnx_encoder
+
+    image = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    encoder = PathEncoder(model, PATHS["openvino"])
+    reference = encoder(image)
+    with onnx_encoder.cancellable(lambda: True), pytest.raises(onnx_encoder.EncodeCancelled):
+        encoder(image)
+    with onnx_encoder.cancellable(lambda: False):
+        torch.testing.assert_close(encoder(image), reference)
+    torch.testing.assert_close(encoder(image), reference)
+
+
 def test_the_onnx_encoder_path_takes_a_batch_of_real_weight_slices(model):
     """LiteMedSAM's encoder exported to ONNX answers a batch of two slices as the model does (TinyViT's patch merging
     bakes the traced batch size into the graph, so the path runs slice by slice)."""

@@ -10,12 +10,14 @@ f32, which kept the embedding closer to fp32 than torch's bf16 autocast: 3.6% ag
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import logging
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,6 +27,33 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+POLL_MS = 5  # how often a cancellable inference checks whether to give up (a slice takes ~600 ms on 2 cores)
+
+
+class EncodeCancelled(Exception):
+    """A cancellable encode gave up part-way because its stop condition became true (nothing was stored). Not a
+    RuntimeError, which the start-up probe reads as a path that cannot run here."""
+
+
+_cancel = threading.local()
+
+
+@contextlib.contextmanager
+def cancellable(should_stop: Callable[[], bool]):
+    """Inside, an OpenVINO inference on this thread polls `should_stop()` and is cancelled (EncodeCancelled) as soon
+    as it is true: background encoding gives the cores back to a request at once instead of after its slice. The
+    other paths cannot stop mid-slice and finish it."""
+    _cancel.should_stop = should_stop
+    try:
+        yield
+    finally:
+        _cancel.should_stop = None
+
+
+def stop_requested() -> bool:
+    """Whether this thread runs inside `cancellable` and its stop condition is true now."""
+    should_stop = getattr(_cancel, "should_stop", None)
+    return should_stop is not None and should_stop()
 
 
 def available(runtime: str = "onnxruntime") -> bool:
@@ -110,6 +139,16 @@ def _openvino_runner(graph: bytes, precision: str):
     def run_one(one: np.ndarray) -> np.ndarray:
         if not hasattr(requests, "request"):
             requests.request = compiled.create_infer_request()
-        return requests.request.infer({0: one})[0].copy()  # the request reuses its output buffer
+        request = requests.request
+        if getattr(_cancel, "should_stop", None) is None:
+            return request.infer({0: one})[0].copy()  # the request reuses its output buffer
+        request.start_async({0: one})
+        while not request.wait_for(POLL_MS):
+            if stop_requested():
+                request.cancel()
+                with contextlib.suppress(RuntimeError):  # waiting on a cancelled request raises
+                    request.wait()
+                raise EncodeCancelled("encoding cancelled for a foreground request")
+        return request.get_output_tensor(0).data.copy()
 
     return run_one

@@ -2,8 +2,10 @@
 
 One daemon thread. A new request replaces the study being pre-encoded (the annotator moved on). Before each slice
 the thread waits while any foreground request (a prompt, an auto-segmentation) is running, so a prompt never waits
-behind background encoding of other slices: at most the one slice already started overlaps it. A foreground request
-that needs the very slice in progress waits for that result instead of encoding it twice (EmbeddingCache).
+behind background encoding of other slices. The slice already started when a request arrives is cancelled on the
+OpenVINO paths (polled every few ms; it is encoded again first when the request ends) and finishes beside the request
+on the others. A foreground request that needs the very slice in progress waits for that result, or encodes it
+itself when it was cancelled (EmbeddingCache).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+
+from samora.engine.onnx_encoder import EncodeCancelled, cancellable
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ class Prefetcher:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self.encoded = 0  # slices this thread encoded (tests, logs)
+        self.cancelled = 0  # slice encodes given up mid-way for a foreground request
 
     def request(self, path: str, center: int, depth: int) -> None:
         """Pre-encode `path`'s `depth` axial slices from `center` outwards (replaces any earlier study)."""
@@ -69,6 +74,16 @@ class Prefetcher:
         with self._cond:
             return self._job is None
 
+    def _foreground_waiting(self) -> bool:
+        return self._foreground > 0  # an int read needs no lock; a stale value only delays the cancel by a poll
+
+    def _retry_first(self, path: str, k: int) -> None:
+        with self._cond:
+            if self._job is None:
+                self._job = (path, [k])
+            elif self._job[0] == path:
+                self._job[1].insert(0, k)
+
     def _next(self) -> tuple[str, int] | None:
         """(path, slice) to encode next, after waiting for foreground work to end; None: stopped."""
         with self._cond:
@@ -88,8 +103,12 @@ class Prefetcher:
             if self._is_cached(path, k):
                 continue
             try:
-                self._encode(path, k)
+                with cancellable(self._foreground_waiting):
+                    self._encode(path, k)
                 self.encoded += 1
+            except EncodeCancelled:  # a request arrived mid-slice: it gets the cores, the slice comes first later
+                self.cancelled += 1
+                self._retry_first(path, k)
             except Exception:  # a deleted or unreadable study: drop it, keep the thread for the next one
                 log.exception("background pre-encoding of %s slice %d failed; study skipped", path, k)
                 with self._cond:
