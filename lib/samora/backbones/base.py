@@ -58,6 +58,7 @@ class Backbone(nn.Module):
         return decoder
 
     embedding_stride: int = 16  # input pixels per embedding cell (SAM/SAM2: 16; LiteMedSAM: 4)
+    prompt_path_trained_on: str = "points and boxes"  # what its pretrained prompt path learned from
 
     @property
     def embedding_size(self) -> tuple[int, int]:

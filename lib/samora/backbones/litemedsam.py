@@ -106,6 +106,8 @@ class LiteMedSamBackbone(Backbone):
     """The package's MedSAMLite split into encoder / prompt encoder / mask decoder, attention wrapped."""
 
     family = "litemedsam"
+    # its prompt path learned from boxes alone: clicks are answered through boxes (samora.serving.click_boxes)
+    prompt_path_trained_on = "boxes"
     embedding_stride = 4  # 256 x 256 input -> 64 x 64 embedding
 
     def __init__(self, preset: LiteMedSamPreset, image_size: int) -> None:

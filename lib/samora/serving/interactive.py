@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from segment_anything.utils.amg import calculate_stability_score
 
 from samora.data import Letterbox
+from samora.serving.click_boxes import answers_clicks_with_boxes, box_answer
 from samora.serving.decode_cache import SliceMask
+from samora.serving.mask_scores import mask_stability
 
-STABILITY_OFFSET = 1.0  # logit offset of SAM's stability score (as in its automatic mask generator)
 # A 2D box propagates unbounded, so this threshold decides where it stops. LiteMedSAM zero-shot, 2D truth box on the
 # seed slice of 4 CT organs of ../shared/data (bench/zeroshot.py --quick --sweep), whole-organ Dice at 0 / 0.5 / 0.6
 # / 0.75: liver 0.754 / 0.760 / 0.760 / 0.885 (below 0.75 it runs on past the liver, to the volume's end),
@@ -199,8 +199,13 @@ def decode_slice_prompt(model, embedding: torch.Tensor, prompt: SlicePrompt, let
 
 
 @torch.no_grad()
-def _decode(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox) -> tuple[np.ndarray, dict]:
-    """decode_slice_prompt's logits, and the prompt head's raw outputs (with its predicted IoU per mask token)."""
+def _decode(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox) -> tuple[np.ndarray, float]:
+    """decode_slice_prompt's logits, and the prompt head's predicted IoU of that mask. Clicks alone on a prompt path
+    that learned from boxes are answered through boxes around them (samora.serving.click_boxes)."""
+    if answers_clicks_with_boxes(model, prompt.coords, prompt.labels, prompt.box):
+        answer = box_answer(model, embedding, prompt.coords, prompt.labels, letterbox.inner)
+        if answer is not None:
+            return letterbox.back(answer.logits[None, None])[0, 0].cpu().numpy(), answer.iou
     device = embedding.device
     kwargs = {}
     if len(prompt.coords):
@@ -211,16 +216,17 @@ def _decode(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Lett
     if prompt.box is not None:
         kwargs["boxes"] = torch.as_tensor(prompt.box, device=device)[None]
     out = model.prompt(embedding, **kwargs)
-    single_click = prompt.box is None and len(prompt.coords) == 1
-    logits = model.prompt_head.best_mask(out, multimask=single_click and model.backbone.pretrained)
-    return letterbox.back(logits)[0, 0].float().cpu().numpy(), out
+    multimask = prompt.box is None and len(prompt.coords) == 1 and model.backbone.pretrained
+    logits = model.prompt_head.best_mask(out, multimask=multimask)
+    iou = out["iou"][0, 1:].max() if multimask else out["iou"][0, 0]  # the chosen token's
+    return letterbox.back(logits)[0, 0].float().cpu().numpy(), float(iou)
 
 
 def decode_mask(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox) -> SliceMask:
     """decode_slice_prompt's mask, its stability, and how sure the model is of it: predicted IoU x stability."""
-    logits, out = _decode(model, embedding, prompt, letterbox)
+    logits, iou = _decode(model, embedding, prompt, letterbox)
     stability = mask_stability(logits)
-    return SliceMask(logits > 0, stability, float(out["iou"][0, 0]) * stability)
+    return SliceMask(logits > 0, stability, iou * stability)
 
 
 def prompt_key(prompt: SlicePrompt) -> bytes:
@@ -273,13 +279,6 @@ def roi_seed_slice(decoder: SliceDecoder, box_prompt: SlicePrompt, z_lo: int, z_
 def propagation_threshold(min_stability: float, within_roi: bool) -> float:
     """The stability below which propagation stops: the configured one, capped lower inside a 3D ROI."""
     return min(min_stability, ROI_MIN_PROPAGATION_STABILITY) if within_roi else min_stability
-
-
-def mask_stability(logits: np.ndarray) -> float:
-    """SAM's stability score: area above +1 over area above -1 (1.0 = a crisp mask; low = the model hesitates)."""
-    if not (logits > -STABILITY_OFFSET).any():
-        return 0.0
-    return float(calculate_stability_score(torch.as_tensor(logits)[None], 0.0, STABILITY_OFFSET)[0])
 
 
 def refine(
