@@ -13,7 +13,7 @@ SIZE = 256  # the model grid; the fake volume's slices are 256 x 256, so voxels 
 
 class _DiscModel:
     """Stands in for a box-trained model: a box's mask is the disc inscribed in it (crisp logits), its predicted IoU
-    is iou_of(box width); a point prompt answers an empty mask and is recorded."""
+    is iou_of(box width); clicks alone answer an empty mask, clicks with a box the whole box; both are recorded."""
 
     def __init__(self, iou_of, trained_on: str = "boxes", pretrained: bool = True) -> None:
         self.iou_of, self.prompt_head, self.backbone = iou_of, self, self
@@ -21,9 +21,13 @@ class _DiscModel:
         self.point_calls = 0
 
     def prompt(self, embedding, boxes=None, points=None) -> dict[str, torch.Tensor]:
-        if boxes is None:
+        if points is not None:
             self.point_calls += 1
-            return {"iou": torch.full((1, 4), 0.2), "low_res_logits": torch.full((1, 4, SIZE, SIZE), -20.0)}
+            logits = torch.full((1, 4, SIZE, SIZE), -20.0)
+            if boxes is not None:
+                x0, y0, x1, y1 = (int(v) for v in boxes[0].tolist())
+                logits[..., y0:y1, x0:x1] = 20.0
+            return {"iou": torch.full((1, 4), 0.2), "low_res_logits": logits}
         yy, xx = torch.meshgrid(torch.arange(SIZE) + 0.5, torch.arange(SIZE) + 0.5, indexing="ij")
         logits, ious = [], []
         for x0, y0, x1, y1 in boxes.tolist():
@@ -37,9 +41,10 @@ class _DiscModel:
         return out["low_res_logits"][:, :1]
 
 
-def _answer(model, foreground, background=()) -> tuple[np.ndarray, float]:
+def _answer(model, foreground, background=(), roi=None) -> tuple[np.ndarray, float]:
     """The served answer (interactive._decode) to clicks (row, col) on slice 0 of a 256 x 256 x 1 volume."""
-    prompt = interactive.Prompt("liver", [(r, c, 0) for r, c in foreground], [(r, c, 0) for r, c in background])
+    clicks = [(r, c, 0) for r, c in foreground], [(r, c, 0) for r, c in background]
+    prompt = interactive.Prompt("liver", *clicks, roi=roi)
     (seed,) = interactive.slice_prompts(prompt, 2, (SIZE, SIZE, 1), SIZE).values()
     letterbox = interactive.slice_letterbox((SIZE, SIZE, 1), 2, SIZE)
     return interactive._decode(model, torch.zeros(1, 4, 2, 2), seed, letterbox)
@@ -94,6 +99,33 @@ def test_a_box_answer_that_the_box_cut_is_refit_wider_when_the_model_is_surer():
     logits, iou = _answer(model, [(128, 128)])
     assert iou == pytest.approx(0.95)
     assert (logits > 0).sum() > np.pi * 44**2
+
+
+BOX_ROI = (100, 155, 100, 155, 0, 0)  # rows, columns, slice: the disc's bounding box is x, y 100..156
+
+
+@pytest.mark.parametrize("clicks", [{"foreground": [(128, 128)]}, {"background": [(101, 101)]}])
+def test_clicks_the_box_answer_agrees_with_leave_it_alone(clicks):
+    """Given to LiteMedSAM, clicks lower its box answers; where the box's own mask already agrees with them (a
+    positive click inside, a negative one outside) the box answers alone."""
+    model = _DiscModel(_peaked_at(48))
+    logits, _ = _answer(model, roi=BOX_ROI, **{"foreground": [], **clicks})
+    assert model.point_calls == 0
+    assert abs((logits > 0).sum() - np.pi * 28**2) < 0.05 * np.pi * 28**2
+
+
+def test_a_correction_click_the_box_answer_misses_brings_in_the_clicks():
+    model = _DiscModel(_peaked_at(48))
+    logits, _ = _answer(model, foreground=[(102, 102)], roi=BOX_ROI)  # the box's corner, outside its disc
+    assert model.point_calls == 1
+    assert logits[102, 102] > 0
+
+
+def test_clicks_are_dropped_again_where_they_agree_no_better():
+    model = _DiscModel(_peaked_at(48))
+    logits, _ = _answer(model, foreground=[], background=[(128, 128)], roi=BOX_ROI)  # the box-and-clicks answer
+    assert model.point_calls == 1  # (the whole box) holds the negative click as well
+    assert abs((logits > 0).sum() - np.pi * 28**2) < 0.05 * np.pi * 28**2
 
 
 def test_candidate_boxes_surround_the_clicks_inside_the_slice():

@@ -5,7 +5,9 @@ pixels (predicted IoU ~0.2), on every organ of the shared CT (docs/benchmarks.md
 good and its predicted IoU tells a box that frames a structure from one that cuts it. So a click-only slice prompt is
 answered by square boxes of a few sizes around the positive clicks, decoded in one batch; the best-scored mask that
 holds every positive click and no negative one wins, and its own bounding box (plus a margin) is decoded once more and
-kept where the model is surer of it.
+kept where the model is surer of it. Clicks given with a box are correction clicks: the box alone answers when its
+mask already agrees with them (given to the model, clicks lower its box answers: mean Dice 0.893 -> 0.817 with a
+positive click in the middle of 8 organs' truth boxes), the box with the clicks where it does not and agrees better.
 """
 
 from __future__ import annotations
@@ -36,11 +38,20 @@ class BoxAnswer:
     iou: float
 
 
-def answers_clicks_with_boxes(model, coords: np.ndarray, labels: np.ndarray, box) -> bool:
-    """Whether a slice prompt is clicks only, with a positive one, on a pretrained box-trained prompt path."""
-    if box is not None or not (np.asarray(labels) == 1).any():
-        return False
-    return model.backbone.prompt_path_trained_on == "boxes" and model.backbone.pretrained
+def answers_clicks_through_boxes(model, coords: np.ndarray) -> bool:
+    """Whether a slice prompt has clicks and the prompt path is a pretrained box-trained one."""
+    return len(coords) > 0 and model.backbone.prompt_path_trained_on == "boxes" and model.backbone.pretrained
+
+
+def click_answer(model, embedding: torch.Tensor, coords, labels, box, inner) -> BoxAnswer | None:
+    """The answer to a slice prompt with clicks on a box-trained prompt path (model-pixel clicks and box), or None
+    where the prompt path's own answer to the clicks should stand (no positive click and no box, or no box holds
+    the clicks)."""
+    if box is not None:
+        return corrected_box_answer(model, embedding, coords, labels, np.asarray(box, np.float32))
+    if not (labels == 1).any():
+        return None
+    return box_answer(model, embedding, coords, labels, inner)
 
 
 def candidate_boxes(positives: np.ndarray, inner: tuple[int, int]) -> np.ndarray:
@@ -71,6 +82,31 @@ def holding_clicks(mask: np.ndarray, positives: np.ndarray, negatives: np.ndarra
     if len(negatives) and np.isin(at(negatives), hit).any():
         return None
     return np.isin(parts, hit)
+
+
+def agreeing_clicks(mask: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> int:
+    """How many clicks the mask (S, S) agrees with: positive ones inside it, negative ones outside."""
+    cells = np.clip(np.floor(coords).astype(int), 0, mask.shape[0] - 1)
+    return int((mask[cells[:, 1], cells[:, 0]] == (labels == 1)).sum())
+
+
+def corrected_box_answer(model, embedding, coords, labels, box: np.ndarray) -> BoxAnswer:
+    """The box's own answer where its mask agrees with every click; else the answer to the box with the clicks
+    where that one agrees with more of them."""
+    logits, ious = decode_boxes(model, embedding, box[None])
+    answer = BoxAnswer(logits[0], box, float(ious[0]))
+    agreed = agreeing_clicks(logits[0].cpu().numpy() > 0, coords, labels)
+    if agreed == len(coords):
+        return answer
+    points = (
+        torch.as_tensor(coords, device=embedding.device)[None],
+        torch.as_tensor(labels, device=embedding.device)[None],
+    )
+    out = model.prompt(embedding, points=points, boxes=torch.as_tensor(box, device=embedding.device)[None])
+    with_clicks = model.prompt_head.best_mask(out)[0, 0].float()
+    if agreeing_clicks(with_clicks.cpu().numpy() > 0, coords, labels) > agreed:
+        return BoxAnswer(with_clicks, box, float(out["iou"][0, 0]))
+    return answer
 
 
 def decode_boxes(model, embedding: torch.Tensor, boxes: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from samora.data import Letterbox
-from samora.serving.click_boxes import answers_clicks_with_boxes, box_answer
+from samora.serving.click_boxes import answers_clicks_through_boxes, click_answer
 from samora.serving.decode_cache import SliceMask
 from samora.serving.mask_scores import mask_stability
 
@@ -200,10 +200,10 @@ def decode_slice_prompt(model, embedding: torch.Tensor, prompt: SlicePrompt, let
 
 @torch.no_grad()
 def _decode(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox) -> tuple[np.ndarray, float]:
-    """decode_slice_prompt's logits, and the prompt head's predicted IoU of that mask. Clicks alone on a prompt path
-    that learned from boxes are answered through boxes around them (samora.serving.click_boxes)."""
-    if answers_clicks_with_boxes(model, prompt.coords, prompt.labels, prompt.box):
-        answer = box_answer(model, embedding, prompt.coords, prompt.labels, letterbox.inner)
+    """decode_slice_prompt's logits, and the prompt head's predicted IoU of that mask. Clicks on a prompt path that
+    learned from boxes are answered through boxes (samora.serving.click_boxes)."""
+    if answers_clicks_through_boxes(model, prompt.coords):
+        answer = click_answer(model, embedding, prompt.coords, prompt.labels, prompt.box, letterbox.inner)
         if answer is not None:
             return letterbox.back(answer.logits[None, None])[0, 0].cpu().numpy(), answer.iou
     device = embedding.device
