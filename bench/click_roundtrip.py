@@ -4,7 +4,8 @@ The default server (LiteMedSAM, bundled weights, no training) serves a study mad
 resampled onto a 512x512x100 grid. A point on the liver of the slice with the most liver is sent as a `samora_prompt`
 infer request: once on a cold slice (encoded on demand), then --clicks times with the point moved a few voxels while
 the server encodes the rest of the study in the background (an annotator's next clicks), then --clicks times once
-that background work is done (the server's CPU time stops growing). Each click records the round trip seen by the
+that background work is done (the server's CPU time stops growing), each click a new point; then those last clicks
+again (answered from the server's decode cache). Each click records the round trip seen by the
 client, the server's own time for the request, the slices it encoded, and the Dice of the answer's mask against the
 liver on that slice (so that a fast but wrong answer shows).
 
@@ -81,13 +82,10 @@ def click(client, image_id: str, k: int, point: tuple[int, int], liver: np.ndarr
     }
 
 
-def clicks(client, image_id: str, k: int, point: tuple[int, int], liver: np.ndarray, n: int) -> list[dict]:
-    """n clicks with the point moved by a few voxels each time (a changed click, the same slice)."""
-    out = []
-    for step in range(n):
-        moved = (point[0] + (step % 3) - 1, point[1] + ((step + 1) % 3) - 1)
-        out.append(click(client, image_id, k, moved, liver))
-    return out
+def clicks(client, image_id: str, k: int, point: tuple[int, int], liver: np.ndarray, offsets: range) -> list[dict]:
+    """One click per offset, the point moved diagonally by that many voxels: every click is a new prompt (a repeated
+    one would be answered from the server's decode cache)."""
+    return [click(client, image_id, k, (point[0] + d, point[1] - d), liver) for d in offsets]
 
 
 def summary(rows: list[dict]) -> dict:
@@ -115,9 +113,10 @@ def run(args: argparse.Namespace) -> dict:
         try:
             client = server.client
             cold = click(client, "ct512", k, point, liver)
-            during = clicks(client, "ct512", k, point, liver, args.clicks)
+            during = clicks(client, "ct512", k, point, liver, range(1, args.clicks + 1))
             waited = settle(server.proc.pid)
-            idle = clicks(client, "ct512", k, point, liver, args.clicks)
+            idle = clicks(client, "ct512", k, point, liver, range(args.clicks + 1, 2 * args.clicks + 1))
+            repeated = clicks(client, "ct512", k, point, liver, range(args.clicks + 1, 2 * args.clicks + 1))
             tree = [psutil.Process(server.proc.pid), *server.remember_children()]
             rss_mb = sum(p.memory_info().rss for p in tree if p.is_running()) / 2**20
         finally:
@@ -133,6 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         "warm_during_background_encoding": {**summary(during), "rows": during},
         "background_settled_after_s": round(waited, 1),
         "warm_idle": {**summary(idle), "rows": idle},
+        "warm_idle_repeated_clicks": {**summary(repeated), "rows": repeated},
         "server_rss_mb_at_end": round(rss_mb),
     }
 
@@ -140,7 +140,9 @@ def run(args: argparse.Namespace) -> dict:
 def render(record: dict) -> str:
     rows = [["cold slice", record["cold"]["round_trip_s"], record["cold"]["server_s"], 1,
              record["cold"]["encoded_slices"], record["cold"]["dice_on_slice"]]]  # fmt: skip
-    for name, key in (("warm, background encoding", "warm_during_background_encoding"), ("warm, idle", "warm_idle")):
+    conditions = (("warm, background encoding", "warm_during_background_encoding"), ("warm, idle", "warm_idle"),
+                  ("warm, idle, the same clicks again (decode cache)", "warm_idle_repeated_clicks"))  # fmt: skip
+    for name, key in conditions:
         s = record[key]
         rows.append([name, f"{s['round_trip_median_s']} (max {s['round_trip_max_s']})", s["server_median_s"],
                      s["clicks"], s["encoded_slices"], s["dice_on_slice_min"]])  # fmt: skip

@@ -1,0 +1,166 @@
+"""What one click answers on real scans with LiteMedSAM, before any training: SAM's own answer to the click against
+the served one (boxes around the click, samora.serving.click_boxes), with the truth's box as the reference.
+
+For every labelled structure present on at least 3 axial slices, 3 slices (30/50/70% of its z-range) get one click
+at the point deepest inside the structure's largest part on that slice. Each answer is the clicked slice's mask (no
+propagation), scored by Dice against the structure on that slice; the decoder's time per answer is recorded (the
+slice's embedding is computed once beforehand and not counted). ct_abdomen_totalseg is the scan the candidate box
+sizes were chosen on; mr_abdomen_totalseg (MR) did not take part in that choice.
+
+    python bench/click_quality.py [--out docs/results/click_quality.json] [--cases ct_abdomen_totalseg ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from paths import DATA
+from records import command_line, machine_info, now_utc, write_json
+from report import md_table
+from scipy import ndimage
+
+from samora.data import load_label
+from samora.serving import interactive
+from samora.serving.runtime import ModelRuntime
+from samora.serving.settings import AppSettings
+
+CASES = ("ct_abdomen_totalseg", "mr_abdomen_totalseg")
+LARGE = ("spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "aorta", "pancreas")
+ANSWERS = ("sam_points", "served", "truth_box")
+
+
+def structure_names(case: Path) -> dict[int, str]:
+    """Label value -> name from a shared-data case's labels.json (with or without its "labels" wrapper)."""
+    names = json.loads((case / "labels.json").read_text())
+    names = names.get("labels", names)
+    return {int(v): n for v, n in names.items() if int(v) != 0}
+
+
+def deepest_point(truth: np.ndarray) -> tuple[int, int]:
+    """The voxel deepest inside the largest connected part of a 2D mask: where an annotator clicks."""
+    parts, n = ndimage.label(truth)
+    largest = parts == 1 + int(np.argmax(ndimage.sum(truth, parts, range(1, n + 1))))
+    i, j = np.unravel_index(int(np.argmax(ndimage.distance_transform_edt(largest))), truth.shape)
+    return int(i), int(j)
+
+
+@contextlib.contextmanager
+def prompt_path_trained_on(model, what: str):
+    """Temporarily tell the router what the prompt path learned from ("points and boxes": SAM answers clicks)."""
+    before = model.backbone.prompt_path_trained_on
+    model.backbone.prompt_path_trained_on = what
+    try:
+        yield
+    finally:
+        model.backbone.prompt_path_trained_on = before
+
+
+def answer(decoder, model, k: int, prompt: interactive.Prompt, volume, kind: str) -> tuple[np.ndarray, float]:
+    """(mask on slice k, decoder seconds) of one answer kind."""
+    (seed,) = interactive.slice_prompts(prompt, 2, volume.shape, model.config.image_size, volume.affine).values()
+    embedding = decoder.runtime.slice_embedding(decoder.path, k)
+    with prompt_path_trained_on(model, "points and boxes" if kind == "sam_points" else "boxes"):
+        start = time.perf_counter()
+        decoded = interactive.decode_mask(model, embedding, seed, decoder.letterbox)
+        return decoded.mask, time.perf_counter() - start
+
+
+def dice(mask: np.ndarray, truth: np.ndarray) -> float:
+    return 2 * float((mask & truth).sum()) / max(float(mask.sum() + truth.sum()), 1.0)
+
+
+def run_case(runtime: ModelRuntime, model, case: Path, only: list[str] | None = None) -> list[dict]:
+    image = str(case / "image.nii.gz")
+    volume, _ = runtime.volume(image)
+    if volume.axial_axis != 2:
+        raise SystemExit(f"{case.name}: axial axis {volume.axial_axis}, this benchmark expects 2")
+    labels = load_label(str(case / "label.nii.gz"), like=volume)[0]
+    letterbox = interactive.slice_letterbox(volume.shape, 2, model.config.image_size, volume.affine)
+    decoder = interactive.SliceDecoder(runtime, image, model, letterbox)
+    rows = []
+    for value, name in structure_names(case).items():
+        if only and name not in only:
+            continue
+        present = np.nonzero((labels == value).sum(axis=(0, 1)))[0]
+        if len(present) < 3:
+            continue
+        for fraction in (0.3, 0.5, 0.7):
+            k = int(present[int(fraction * (len(present) - 1))])
+            truth = labels[:, :, k] == value
+            i, j = deepest_point(truth)
+            rows_, cols_ = np.nonzero(truth)
+            prompts = {
+                "sam_points": interactive.Prompt(name, [(i, j, k)]),
+                "served": interactive.Prompt(name, [(i, j, k)]),
+                "truth_box": interactive.Prompt(name, roi=(rows_.min(), rows_.max(), cols_.min(), cols_.max(), k, k)),
+            }
+            row = {"structure": name, "slice": k, "voxels": int(truth.sum()), "click": [i, j, k]}
+            for kind, prompt in prompts.items():
+                mask, seconds = answer(decoder, model, k, prompt, volume, kind)
+                row[kind] = {"dice": round(dice(mask, truth), 4), "decoder_s": round(seconds, 4)}
+            rows.append(row)
+            print(f"{case.name} {name} slice {k}: " + ", ".join(f"{a} {row[a]['dice']:.3f}" for a in ANSWERS))
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    large = [r for r in rows if r["structure"] in LARGE]
+    out = {"clicks": len(rows), "clicks_on_large_organs": len(large)}
+    for kind in ANSWERS:
+        out[kind] = {
+            "mean_dice": round(statistics.fmean(r[kind]["dice"] for r in rows), 4),
+            "mean_dice_large_organs": round(statistics.fmean(r[kind]["dice"] for r in large), 4) if large else None,
+            "median_decoder_s": round(statistics.median(r[kind]["decoder_s"] for r in rows), 4),
+        }
+    return out
+
+
+def render(record: dict) -> str:
+    rows = []
+    for name, case in record["cases"].items():
+        s = case["summary"]
+        for kind in ANSWERS:
+            rows.append([name, kind, s["clicks"], s[kind]["mean_dice"], s[kind]["mean_dice_large_organs"],
+                         s[kind]["median_decoder_s"]])  # fmt: skip
+    headers = ["scan", "answer", "clicks", "mean Dice", "mean Dice, 8 large organs", "decoder s (median)"]
+    return md_table(headers, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DATA), help="the shared data folder")
+    parser.add_argument("--cases", nargs="+", default=list(CASES))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs/results/click_quality.json"))
+    parser.add_argument("--structures", nargs="*", help="only these structures (default: every labelled one)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    runtime = ModelRuntime(AppSettings(), tempfile.mkdtemp(prefix="click-quality-"))
+    version, model = runtime.model()
+    record = {
+        "benchmark": "click_quality",
+        "command": command_line(),
+        "date": now_utc(),
+        "machine": machine_info(1, args.threads),
+        "model": {"version": version, "backbone": model.backbone.family, "encoder_path": runtime.encoder_info()},
+        "cases": {},
+    }
+    for name in args.cases:
+        rows = run_case(runtime, model, Path(args.data) / name, args.structures)
+        record["cases"][name] = {"summary": summarise(rows), "rows": rows}
+    print(render(record))
+    print(f"command: {record['command']}\nmachine: {record['machine']['cpu']}; wrote {write_json(args.out, record)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
