@@ -7,6 +7,11 @@ propagation), scored by Dice against the structure on that slice; the decoder's 
 slice's embedding is computed once beforehand and not counted). ct_abdomen_totalseg is the scan the candidate box
 sizes were chosen on; mr_abdomen_totalseg (MR) did not take part in that choice.
 
+Then, in 3D: one click in the middle of each large organ on its largest slice, answered by the served prompt path
+with propagation (samora.serving.interactive.refine), once per --spread-confidence (the conf key
+click_spread_confidence: how sure the model must be of the clicked slice's mask to propagate from it). Scored by
+the organ's 3D Dice; the time includes encoding the slices no earlier answer had encoded.
+
     python bench/click_quality.py [--out docs/results/click_quality.json] [--cases ct_abdomen_totalseg ...]
 """
 
@@ -112,6 +117,31 @@ def run_case(runtime: ModelRuntime, model, case: Path, only: list[str] | None = 
     return rows
 
 
+def run_3d(runtime: ModelRuntime, model, case: Path, confidences: list[float], only: list[str] | None) -> list[dict]:
+    """3D Dice of one click per large organ, answered with propagation, at each spread confidence."""
+    image = str(case / "image.nii.gz")
+    volume, _ = runtime.volume(image)
+    labels = load_label(str(case / "label.nii.gz"), like=volume)[0]
+    values = {name: value for value, name in structure_names(case).items()}
+    rows = []
+    for name in [n for n in LARGE if n in values and (not only or n in only)]:
+        organ = labels == values[name]
+        k = int(np.argmax(organ.sum(axis=(0, 1))))
+        i, j = deepest_point(organ[:, :, k])
+        row = {"structure": name, "slice": k, "organ_slices": int((organ.sum(axis=(0, 1)) > 0).sum())}
+        for confidence in confidences:
+            start = time.perf_counter()
+            mask, info = interactive.refine(runtime, image, interactive.Prompt(name, [(i, j, k)]),
+                                            click_confidence=confidence)  # fmt: skip
+            seconds = time.perf_counter() - start
+            row[str(confidence)] = {"dice_3d": round(dice(mask > 0, organ), 4), "slices": len(info["slices"]),
+                                    "dice_on_slice": round(dice(mask[:, :, k] > 0, organ[:, :, k]), 4),
+                                    "seconds": round(seconds, 2)}  # fmt: skip
+        rows.append(row)
+        print(f"{case.name} {name} 3D: " + ", ".join(f"{c}: {row[str(c)]['dice_3d']:.3f}" for c in confidences))
+    return rows
+
+
 def summarise(rows: list[dict]) -> dict:
     large = [r for r in rows if r["structure"] in LARGE]
     out = {"clicks": len(rows), "clicks_on_large_organs": len(large)}
@@ -122,6 +152,14 @@ def summarise(rows: list[dict]) -> dict:
             "median_decoder_s": round(statistics.median(r[kind]["decoder_s"] for r in rows), 4),
         }
     return out
+
+
+def render_3d(record: dict) -> str:
+    rows = []
+    for name, case in record["cases"].items():
+        for confidence, mean in case["summary_3d"].items():
+            rows.append([name, confidence, len(case["rows_3d"]), mean])
+    return md_table(["scan", "click_spread_confidence", "organs", "mean 3D Dice"], rows)
 
 
 def render(record: dict) -> str:
@@ -141,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", default=list(CASES))
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs/results/click_quality.json"))
     parser.add_argument("--structures", nargs="*", help="only these structures (default: every labelled one)")
+    parser.add_argument("--spread-confidence", nargs="*", type=float, default=[0.8, 0.7],
+                        help="click_spread_confidence values of the 3D part (none: skip it)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -156,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in args.cases:
         rows = run_case(runtime, model, Path(args.data) / name, args.structures)
-        record["cases"][name] = {"summary": summarise(rows), "rows": rows}
+        rows_3d = run_3d(runtime, model, Path(args.data) / name, args.spread_confidence, args.structures)
+        summary_3d = {str(c): round(statistics.fmean(r[str(c)]["dice_3d"] for r in rows_3d), 4)
+                      for c in args.spread_confidence} if rows_3d else {}  # fmt: skip
+        record["cases"][name] = {"summary": summarise(rows), "rows": rows, "summary_3d": summary_3d, "rows_3d": rows_3d}
     print(render(record))
+    print(render_3d(record))
     print(f"command: {record['command']}\nmachine: {record['machine']['cpu']}; wrote {write_json(args.out, record)}")
     return 0
 

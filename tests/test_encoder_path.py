@@ -197,3 +197,17 @@ def test_the_runtime_serves_the_encoder_the_probe_built_and_never_builds_it_twic
     assert served.path.name == result.chosen and served.model is model and built == []
     other = SamoraModel(ModelConfig(preset="tiny", image_size=64, labels={"liver": 1})).eval()
     assert result.take_encoder(other) is None  # handed out once, and only for the model it was built for
+
+
+def test_the_probe_times_a_path_by_its_fastest_encode():
+    """One encode slowed by another process must not decide the server's path: the fastest timed encode counts."""
+    import time
+
+    delays = iter([0.0, 0.3, 0.02])  # warm-up, then one slowed encode and a normal one
+
+    def encoder(images):
+        time.sleep(next(delays))
+        return images
+
+    seconds, _ = encoder_path._time(encoder, torch.zeros(1, 3, 8, 8), repeats=2)
+    assert 0.02 <= seconds < 0.2

@@ -205,10 +205,10 @@ def _box_params(mask: np.ndarray, name: str, k: int | None = None, z_range: tupl
     return {"label": name, "roi": [int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), int(z0), int(z1)], "slice": k}
 
 
-def _run(runtime: ModelRuntime, path: str, params: dict) -> tuple[np.ndarray, dict, int, list[int]]:
-    """(mask, info, slices newly encoded, slices requested) of one prompt request."""
+def _run(runtime: ModelRuntime, path: str, params: dict, **options) -> tuple[np.ndarray, dict, int, list[int]]:
+    """(mask, info, slices newly encoded, slices requested) of one prompt request (options: refine's)."""
     before_calls, before_requests = runtime.encoder_calls, len(runtime.requested)
-    mask, info = refine(runtime, path, parse_prompt(params, NAMES))
+    mask, info = refine(runtime, path, parse_prompt(params, NAMES), **options)
     return mask, info, runtime.encoder_calls - before_calls, runtime.requested[before_requests:]
 
 
@@ -330,7 +330,8 @@ def test_propagation_slices_are_cached(runtime, phantom, monkeypatch):
 
 def test_a_click_alone_spreads_only_from_a_mask_the_model_is_sure_of(runtime, phantom, monkeypatch):
     """The decoder answers the true organ (crisp logits) on every slice with a given confidence: a click without a
-    box is propagated only when the model is sure of the clicked slice's mask; a box always is."""
+    box is propagated only when the model is as sure of the clicked slice's mask as click_confidence asks (conf
+    click_spread_confidence); a box always is."""
     organ = phantom["truth"] == PHANTOM_LABELS["liver"]
     lo, hi = _bbox(organ)
     k = int((lo[2] + hi[2]) // 2)
@@ -344,10 +345,12 @@ def test_a_click_alone_spreads_only_from_a_mask_the_model_is_sure_of(runtime, ph
             organ_logits(runtime, organ, embedding) > 0, 1.0, confidence
         )
 
-    for params, confidence, spreads in ((clicked, 0.5, False), (clicked, 0.95, True), (boxed, 0.5, True)):
+    cases = [(clicked, 0.5, 0.7, False), (clicked, 0.75, 0.7, True), (clicked, 0.75, 0.8, False)]
+    cases += [(clicked, 0.95, 0.8, True), (boxed, 0.5, 0.8, True)]
+    for params, confidence, click_confidence, spreads in cases:
         monkeypatch.setattr(interactive, "decode_mask", decoding_at(confidence))
         runtime.decodes.clear()  # another decoder: the masks of the last one must not answer
-        mask, info, _, _ = _run(runtime, phantom["path"], params)
+        mask, info, _, _ = _run(runtime, phantom["path"], params, click_confidence=click_confidence)
         assert (len(info["slices"]) > 1) is spreads, (params, confidence, info["slices"])
         assert info["not_propagated"] == ([] if spreads else [k])
         np.testing.assert_array_equal(mask[:, :, k].astype(bool), organ[:, :, k])

@@ -25,9 +25,11 @@ def test_settings_from_string_conf():
             "lr": "0.01",
             "unrelated_monailabel_key": "x",
             "propagation_stability": "0.6",
+            "click_spread_confidence": "0.9",
         }
     )
     assert s.image_size == 64 and s.epochs == 3 and s.lr == 0.01 and s.propagation_stability == 0.6
+    assert s.click_spread_confidence == 0.9
     assert s.labels == {"liver": 1, "spleen": 2}
     assert s.model_config().finetune_experts is True  # no checkpoint: random backbone needs its LoRAs trained
     assert parse_labels('{"a": 2, "b": 1}') == {"a": 2, "b": 1}
@@ -44,6 +46,7 @@ def test_settings_from_string_conf():
         ({"preset": "vit_z"}, "preset"),
         ({"labels": '{"a": 1, "b": 1}'}, "labels"),
         ({"propagation_stability": "1.5"}, "propagation_stability"),
+        ({"click_spread_confidence": "-0.1"}, "click_spread_confidence"),
         ({"train_mode": "fast"}, "train_mode"),
         ({"ct_window": "40"}, "ct_window"),
         ({"epochs": "-1"}, "epochs"),

@@ -11,7 +11,7 @@ from samora.config import DEFAULT_LABELS, ModelConfig
 from samora.data.intensity import IntensityWindow
 from samora.engine.encoder_path import CHOICES as ENCODER_PATHS
 from samora.engine.precision import TRAIN_PRECISIONS, supports_bf16
-from samora.serving.interactive import MIN_PROPAGATION_STABILITY
+from samora.serving.interactive import MIN_PROPAGATION_STABILITY, PROPAGATE_CLICKS_FROM_CONFIDENCE
 from samora.serving.validation import parse_flag
 
 FULL_EPOCHS = 40
@@ -104,6 +104,9 @@ class AppSettings:
     # prompt propagation stops where SAM's stability score of the mask falls below this (0 = only on empty/jumping
     # masks); see samora.serving.interactive.MIN_PROPAGATION_STABILITY for how the default was measured
     propagation_stability: float = MIN_PROPAGATION_STABILITY
+    # a slice prompted by clicks alone starts a propagation only where the model is this sure of its mask (predicted
+    # IoU x stability; 1 keeps clicks on their slice); see samora.serving.interactive.PROPAGATE_CLICKS_FROM_CONFIDENCE
+    click_spread_confidence: float = PROPAGATE_CLICKS_FROM_CONFIDENCE
     # stage-2 training: "full" back-propagates through the encoder (HL-Attn trains; a GPU job), "cached" trains the
     # heads and prompt path on embeddings of the frozen encoder computed once; auto = full on CUDA, cached on CPU
     train_mode: str = "auto"
@@ -227,8 +230,9 @@ class AppSettings:
             raise SettingsError(f"conf preset: {self.preset!r} is not one of {sorted(PRESETS)}")
         if self.bootstrap not in ("auto", "off"):
             raise SettingsError(f"conf bootstrap: {self.bootstrap!r} must be auto or off")
-        if not 0.0 <= self.propagation_stability <= 1.0:
-            raise SettingsError(f"conf propagation_stability: {self.propagation_stability} must lie in [0, 1]")
+        for key in ("propagation_stability", "click_spread_confidence"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise SettingsError(f"conf {key}: {getattr(self, key)} must lie in [0, 1]")
         if self.max_voxels < 0:
             raise SettingsError("conf max_voxels: must be >= 0 (0 = no limit)")
         if self.lr < 0:

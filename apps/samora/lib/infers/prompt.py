@@ -59,8 +59,13 @@ class SamoraPrompt(InferTask):
         with self.runtime.prefetcher.foreground():
             # the rest of the study is encoded in the background, nearest this prompt first, once we have answered
             self.runtime.prefetch(request["image"], prompt_slice(prompt))
+            settings = self.runtime.settings
             mask, info = refine(
-                self.runtime, request["image"], prompt, min_stability=self.runtime.settings.propagation_stability
+                self.runtime,
+                request["image"],
+                prompt,
+                min_stability=settings.propagation_stability,
+                click_confidence=settings.click_spread_confidence,
             )
         volume, _ = self.runtime.volume(request["image"])
         out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
