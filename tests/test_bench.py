@@ -40,16 +40,8 @@ def test_ssl_heldout_trains_in_the_precision_asked_and_records_it(tmp_path: Path
     """bench/ssl_heldout.py --precision bf16: the trainer gets bf16 (its expert file says so) and the record and table
     say so."""
     out = tmp_path / "ssl_heldout.json"
-    command = [sys.executable, str(ROOT / "bench" / "ssl_heldout.py"), "--levels", "pixel", "--steps", "2"]
-    command += ["--batch-size", "2", "--train-slices", "8", "--heldout-slices", "4", "--precision", "bf16"]
-    proc = subprocess.run(
-        [*command, "--data", str(shared_data), "--out", str(out)],
-        cwd=ROOT / "bench",
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["--levels", "pixel", "--steps", "2", "--batch-size", "2", "--train-slices", "8", "--heldout-slices", "4"]
+    proc = _run_bench("ssl_heldout.py", [*args, "--precision", "bf16", "--data", str(shared_data), "--out", str(out)])
     record = json.loads(out.read_text())
     assert record["precision"] == "bf16" and record["train_slices"] == 8 and record["heldout_slices"] == 4
     (row,) = record["levels"]
@@ -63,16 +55,8 @@ def test_click_quality_scores_each_answer_to_a_click_and_records_it(tmp_path: Pa
     answer beats SAM's own answer to the click on the gallbladder of real CT. In 3D, the click spreads at the
     default click_spread_confidence (0.7; the model's confidence there is ~0.74) and not at 0.8."""
     out = tmp_path / "click_quality.json"
-    command = [sys.executable, str(ROOT / "bench" / "click_quality.py"), "--cases", "ct_abdomen_totalseg"]
-    command += ["--data", str(shared_data)]
-    proc = subprocess.run(
-        [*command, "--structures", "gallbladder", "--spread-confidence", "0.8", "0.7", "--out", str(out)],
-        cwd=ROOT / "bench",
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["--cases", "ct_abdomen_totalseg", "--structures", "gallbladder", "--spread-confidence", "0.8", "0.7"]
+    _run_bench("click_quality.py", [*args, "--data", str(shared_data), "--out", str(out)])
     record = json.loads(out.read_text())
     case = record["cases"]["ct_abdomen_totalseg"]
     assert case["summary"]["clicks"] == 3 and {r["structure"] for r in case["rows"]} == {"gallbladder"}
@@ -85,3 +69,16 @@ def test_click_quality_scores_each_answer_to_a_click_and_records_it(tmp_path: Pa
     assert organ["0.7"]["slices"] > organ["0.8"]["slices"] == 1
     assert organ["0.7"]["dice_3d"] > organ["0.8"]["dice_3d"] + 0.3
     assert case["summary_3d"] == {"0.8": organ["0.8"]["dice_3d"], "0.7": organ["0.7"]["dice_3d"]}
+
+
+def _run_bench(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Run bench/<script> with args from the bench folder; it must succeed within 5 minutes."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT / "bench",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
