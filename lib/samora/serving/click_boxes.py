@@ -4,10 +4,11 @@ LiteMedSAM's prompt path was trained on boxes: given a click on the liver of a C
 pixels (predicted IoU ~0.2), on every organ of the shared CT (docs/benchmarks.md section 4.11). Its box answers are
 good and its predicted IoU tells a box that frames a structure from one that cuts it. So a click-only slice prompt is
 answered by square boxes of a few sizes around the positive clicks, decoded in one batch; the best-scored mask that
-holds every positive click and no negative one wins, and its own bounding box (plus a margin) is decoded once more and
-kept where the model is surer of it. Clicks given with a box are correction clicks: the box alone answers when its
-mask already agrees with them (given to the model, clicks lower its box answers: mean Dice 0.893 -> 0.817 with a
-positive click in the middle of 8 organs' truth boxes), the box with the clicks where it does not and agrees better.
+holds every positive click and no negative one wins; it is then refit to its own bounding box (plus a margin, pushed
+out where the box cut it), at most REFITS times, while the model is surer of the refit mask. Clicks given with a box
+are correction clicks: the box alone answers when its mask already agrees with them (given to the model, clicks
+lower its box answers: mean Dice 0.893 -> 0.817 with a positive click in the middle of 8 organs' truth boxes), the
+box with the clicks where it does not and agrees better.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from scipy import ndimage
 from samora.serving.mask_scores import mask_stability
 
 # half-sides (model pixels, 256 grid) of the candidate boxes around the clicks: a vessel, a kidney, a liver. Chosen
-# on 42 clicks over 14 structures of the shared CT (benchmarks.md section 4.11): more or larger boxes found large wrong
+# on the shared CT's clicks (48 over 16 structures, benchmarks.md section 4.11): more or larger boxes found large wrong
 # structures as often as they helped, and each box costs one decoder pass (~50 ms on 2 cores)
 HALF_SIDES_PX = (10.0, 24.0, 54.0)
-TIGHTEN_MARGIN_PX = 3.0  # around the chosen mask's box (the propagation margin: organs' edges are soft)
+REFIT_MARGIN_PX = 3.0  # around the chosen mask's box (the propagation margin: organs' edges are soft)
 CUT_PX = 2.0  # a mask this close to its box's edge was cut by it
 REFITS = 2
 
@@ -131,10 +132,10 @@ def box_answer(model, embedding: torch.Tensor, coords: np.ndarray, labels: np.nd
             best, best_kept = BoxAnswer(logits[i], boxes[i], float(ious[i])), kept
     if best is None:
         return None
-    return tightened(model, embedding, best, best_kept, positives, negatives, inner)
+    return refit(model, embedding, best, best_kept, positives, negatives, inner)
 
 
-def tightened(model, embedding, answer: BoxAnswer, kept: np.ndarray, positives, negatives, inner) -> BoxAnswer:
+def refit(model, embedding, answer: BoxAnswer, kept: np.ndarray, positives, negatives, inner) -> BoxAnswer:
     """Up to REFITS times: the answer to the chosen mask's own box plus a margin, pushed out by half the box on
     each side where the mask reaches the box's edge (the box cut the structure), kept where the model is surer of it
     (IoU x stability) and it still holds the clicks."""
@@ -155,5 +156,5 @@ def refit_box(kept: np.ndarray, box: np.ndarray, inner) -> np.ndarray:
     fit = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
     half = (box[2:] - box[:2]) / 2
     cut = np.abs(fit - box) <= CUT_PX
-    push = np.where(cut, np.concatenate([half, half]), TIGHTEN_MARGIN_PX)
+    push = np.where(cut, np.concatenate([half, half]), REFIT_MARGIN_PX)
     return clip_box(fit + np.array([-1, -1, 1, 1]) * push, inner)
