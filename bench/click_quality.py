@@ -7,12 +7,18 @@ propagation), scored by Dice against the structure on that slice; the decoder's 
 slice's embedding is computed once beforehand and not counted). ct_abdomen_totalseg is the scan the candidate box
 sizes were chosen on; mr_abdomen_totalseg (MR) did not take part in that choice.
 
+Corrections: from the served answer to each of those clicks, --corrections more clicks, each at the point deepest
+inside the largest error region of the current answer (positive where it misses the structure, negative where it
+spills over), as an annotator corrects; the served answer's Dice after each click (the same protocol as the
+interactive-segmentation literature's clicks-to-Dice curves).
+
 Then, in 3D: one click in the middle of each large organ on its largest slice, answered by the served prompt path
 with propagation (samora.serving.interactive.refine), once per --spread-confidence (the conf key
 click_spread_confidence: how sure the model must be of the clicked slice's mask to propagate from it). Scored by
 the organ's 3D Dice; the time includes encoding the slices no earlier answer had encoded.
 
     python bench/click_quality.py [--out docs/results/click_quality.json] [--cases ct_abdomen_totalseg ...]
+                                  [--corrections 5]
 """
 
 from __future__ import annotations
@@ -83,7 +89,25 @@ def dice(mask: np.ndarray, truth: np.ndarray) -> float:
     return 2 * float((mask & truth).sum()) / max(float(mask.sum() + truth.sum()), 1.0)
 
 
-def run_case(runtime: ModelRuntime, model, case: Path, only: list[str] | None = None) -> list[dict]:
+def correction_curve(decoder, model, k: int, name: str, truth: np.ndarray, first: tuple, volume, clicks: int) -> dict:
+    """The served answer's Dice on slice k after the first click and after each of `clicks` correction clicks, and
+    the decoder's seconds per corrected answer."""
+    foreground, background, dices, seconds = [first], [], [], []
+    for step in range(clicks + 1):
+        mask, spent = answer(decoder, model, k, interactive.Prompt(name, list(foreground), list(background)), volume,
+                             "served")  # fmt: skip
+        dices.append(round(dice(mask, truth), 4))
+        seconds += [spent] if step else []
+        errors = mask != truth
+        if step == clicks or not errors.any():
+            break
+        i, j = deepest_point(errors)
+        (foreground if truth[i, j] else background).append((i, j, k))
+    dices += dices[-1:] * (clicks + 1 - len(dices))  # a perfect answer stays perfect
+    return {"dice": dices, "decoder_s": [round(t, 4) for t in seconds]}
+
+
+def run_case(runtime: ModelRuntime, model, case: Path, only: list[str] | None = None, corrections: int = 0) -> list:
     image = str(case / "image.nii.gz")
     volume, _ = runtime.volume(image)
     if volume.axial_axis != 2:
@@ -112,6 +136,8 @@ def run_case(runtime: ModelRuntime, model, case: Path, only: list[str] | None = 
             for kind, prompt in prompts.items():
                 mask, seconds = answer(decoder, model, k, prompt, volume, kind)
                 row[kind] = {"dice": round(dice(mask, truth), 4), "decoder_s": round(seconds, 4)}
+            if corrections:
+                row["corrections"] = correction_curve(decoder, model, k, name, truth, (i, j, k), volume, corrections)
             rows.append(row)
             print(f"{case.name} {name} slice {k}: " + ", ".join(f"{a} {row[a]['dice']:.3f}" for a in ANSWERS))
     return rows
@@ -151,6 +177,13 @@ def summarise(rows: list[dict]) -> dict:
             "mean_dice_large_organs": round(statistics.fmean(r[kind]["dice"] for r in large), 4) if large else None,
             "median_decoder_s": round(statistics.median(r[kind]["decoder_s"] for r in rows), 4),
         }
+    if rows and "corrections" in rows[0]:
+        out["corrections"] = {
+            "mean_dice_after_clicks": np.mean([r["corrections"]["dice"] for r in rows], axis=0).round(4).tolist(),
+            "mean_dice_after_clicks_large_organs":
+                np.mean([r["corrections"]["dice"] for r in large], axis=0).round(4).tolist() if large else None,
+            "median_decoder_s": round(statistics.median(t for r in rows for t in r["corrections"]["decoder_s"]), 4),
+        }  # fmt: skip
     return out
 
 
@@ -160,6 +193,21 @@ def render_3d(record: dict) -> str:
         for confidence, mean in case["summary_3d"].items():
             rows.append([name, confidence, len(case["rows_3d"]), mean])
     return md_table(["scan", "click_spread_confidence", "organs", "mean 3D Dice"], rows)
+
+
+def render_corrections(record: dict) -> str:
+    rows = []
+    for name, case in record["cases"].items():
+        c = case["summary"].get("corrections")
+        if c:
+            rows.append([name, "all", *c["mean_dice_after_clicks"], c["median_decoder_s"]])
+            if c["mean_dice_after_clicks_large_organs"]:
+                rows.append([name, "8 large organs", *c["mean_dice_after_clicks_large_organs"], ""])
+    if not rows:
+        return ""
+    clicks = len(rows[0]) - 3
+    headers = ["scan", "structures", *[f"{n + 1} click{'s' * (n > 0)}" for n in range(clicks)], "decoder s (median)"]
+    return md_table(headers, rows)
 
 
 def render(record: dict) -> str:
@@ -181,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--structures", nargs="*", help="only these structures (default: every labelled one)")
     parser.add_argument("--spread-confidence", nargs="*", type=float, default=[0.8, 0.7],
                         help="click_spread_confidence values of the 3D part (none: skip it)")  # fmt: skip
+    parser.add_argument("--corrections", type=int, default=5, help="correction clicks after the first (0: none)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -195,12 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         "cases": {},
     }
     for name in args.cases:
-        rows = run_case(runtime, model, Path(args.data) / name, args.structures)
+        rows = run_case(runtime, model, Path(args.data) / name, args.structures, args.corrections)
         rows_3d = run_3d(runtime, model, Path(args.data) / name, args.spread_confidence, args.structures)
         summary_3d = {str(c): round(statistics.fmean(r[str(c)]["dice_3d"] for r in rows_3d), 4)
                       for c in args.spread_confidence} if rows_3d else {}  # fmt: skip
         record["cases"][name] = {"summary": summarise(rows), "rows": rows, "summary_3d": summary_3d, "rows_3d": rows_3d}
     print(render(record))
+    print(render_corrections(record))
     print(render_3d(record))
     print(f"command: {record['command']}\nmachine: {record['machine']['cpu']}; wrote {write_json(args.out, record)}")
     return 0

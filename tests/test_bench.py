@@ -52,10 +52,12 @@ def test_ssl_heldout_trains_in_the_precision_asked_and_records_it(tmp_path: Path
 
 def test_click_quality_scores_each_answer_to_a_click_and_records_it(tmp_path: Path, shared_data: Path) -> None:
     """bench/click_quality.py on one structure: three clicks, each answered three ways and scored; the served
-    answer beats SAM's own answer to the click on the gallbladder of real CT. In 3D, the click spreads at the
-    default click_spread_confidence (0.7; the model's confidence there is ~0.74) and not at 0.8."""
+    answer beats SAM's own answer to the click on the gallbladder of real CT, and two correction clicks raise it
+    (when every click re-framed the boxes from scratch, they lowered it: 0.933 -> 0.554). In 3D, the click spreads
+    at the default click_spread_confidence (0.7; the model's confidence there is ~0.74) and not at 0.8."""
     out = tmp_path / "click_quality.json"
     args = ["--cases", "ct_abdomen_totalseg", "--structures", "gallbladder", "--spread-confidence", "0.8", "0.7"]
+    args += ["--corrections", "2"]
     _run_bench("click_quality.py", [*args, "--data", str(shared_data), "--out", str(out)])
     record = json.loads(out.read_text())
     case = record["cases"]["ct_abdomen_totalseg"]
@@ -64,6 +66,10 @@ def test_click_quality_scores_each_answer_to_a_click_and_records_it(tmp_path: Pa
         assert all(0 <= row[kind]["dice"] <= 1 and row[kind]["decoder_s"] > 0 for kind in ("sam_points", "served"))
     summary = case["summary"]
     assert summary["served"]["mean_dice"] > summary["sam_points"]["mean_dice"] + 0.3
+    assert all(len(row["corrections"]["dice"]) == 3 for row in case["rows"])
+    after = summary["corrections"]["mean_dice_after_clicks"]
+    assert after[0] == pytest.approx(summary["served"]["mean_dice"], abs=1e-3)  # the first click is the served one
+    assert after[2] >= after[0] + 0.01
     assert record["machine"]["cpu"] and "python bench/click_quality.py" in record["command"]
     (organ,) = case["rows_3d"]
     assert organ["0.7"]["slices"] > organ["0.8"]["slices"] == 1

@@ -12,7 +12,7 @@ SIZE = 256  # the model grid; the fake volume's slices are 256 x 256, so voxels 
 
 
 class _DiscModel:
-    """Stands in for a box-trained model: a box's mask is the disc inscribed in it (crisp logits), its predicted IoU
+    """Stands in for a box-trained model: a box's mask is the ellipse inscribed in it (crisp logits), its predicted IoU
     is iou_of(box width); clicks alone answer an empty mask, clicks with a box the whole box; both are recorded."""
 
     def __init__(self, iou_of, trained_on: str = "boxes", pretrained: bool = True) -> None:
@@ -31,7 +31,7 @@ class _DiscModel:
         yy, xx = torch.meshgrid(torch.arange(SIZE) + 0.5, torch.arange(SIZE) + 0.5, indexing="ij")
         logits, ious = [], []
         for x0, y0, x1, y1 in boxes.tolist():
-            inside = ((xx - (x0 + x1) / 2) ** 2 + (yy - (y0 + y1) / 2) ** 2) <= ((x1 - x0) / 2) ** 2
+            inside = ((xx - (x0 + x1) / 2) / (x1 - x0)) ** 2 + ((yy - (y0 + y1) / 2) / (y1 - y0)) ** 2 <= 0.25
             logits.append(torch.where(inside, 20.0, -20.0))
             ious.append(self.iou_of(x1 - x0))
         low = torch.stack(logits)[:, None].expand(-1, 4, -1, -1)
@@ -64,11 +64,39 @@ def test_a_click_is_answered_by_the_best_scored_box_around_it():
     assert logits[128, 128] > 0
 
 
-def test_a_candidate_holding_a_negative_click_is_not_chosen():
+def test_a_negative_click_inside_the_answer_cuts_its_box_on_one_side():
     model = _DiscModel(_peaked_at(48))
-    logits, _ = _answer(model, [(128, 128)], background=[(128, 145)])  # inside the 48 disc, outside the 20 one
+    logits, _ = _answer(model, [(128, 128)], background=[(128, 145)])  # inside the 48 disc, 17 px right of centre
     assert logits[128, 145] < 0 and logits[128, 128] > 0
-    assert (logits > 0).sum() < np.pi * 11**2  # the 20-wide disc (or a refit of it), not the 48-wide one
+    # one side of the 48 box moved to 1 px short of the click (the only cut that keeps the positive): a 48 x 40 ellipse
+    assert abs((logits > 0).sum() - np.pi * 24 * 20) < 0.05 * np.pi * 24 * 20
+
+
+def test_a_positive_click_the_answer_misses_grows_its_box_to_hold_it():
+    model = _DiscModel(_peaked_at(48))
+    first, _ = _answer(model, [(128, 128)])
+    assert first[128, 160] < 0  # 32 px right of the first click, outside its 48 disc
+    logits, _ = _answer(model, [(128, 128), (128, 160)])
+    assert logits[128, 160] > 0 and logits[128, 128] > 0
+    assert model.point_calls == 0
+
+
+def test_corrections_edit_the_first_clicks_answer_instead_of_framing_the_clicks_anew():
+    """Framed anew, a far second click would give a box around both clicks; edited, the first answer's box grows by
+    GROW_PX past the click and no more."""
+    model = _DiscModel(_peaked_at(48))
+    logits, _ = _answer(model, [(128, 128), (128, 160)])
+    cols = np.nonzero((logits > 0).any(axis=0))[0]
+    assert cols.max() + 1 == pytest.approx(160.5 + click_boxes.GROW_PX, abs=1.5)  # the grown box's right side
+    assert cols.min() == pytest.approx(104.5, abs=1.5)  # its left side: the first answer's
+
+
+def test_a_negative_click_no_cut_can_leave_out_keeps_the_answer():
+    """On the positive click itself no cut keeps the positive in the box: the first answer stands (no points)."""
+    model = _DiscModel(_peaked_at(48))
+    logits, _ = _answer(model, [(128, 128)], background=[(128, 128)])
+    assert model.point_calls == 0
+    assert abs((logits > 0).sum() - np.pi * 24**2) < 0.05 * np.pi * 24**2
 
 
 def test_several_positive_clicks_are_framed_together():
@@ -77,10 +105,10 @@ def test_several_positive_clicks_are_framed_together():
     assert logits[128, 110] > 0 and logits[128, 140] > 0
 
 
-def test_when_no_box_holds_the_clicks_the_prompt_path_answers_them():
-    """A negative click at the positive one's side excludes every disc centred there: the points decide."""
+def test_when_no_box_holds_the_click_the_prompt_path_answers_it():
+    """A click in the slice's corner lies outside every disc inscribed in the (clipped) boxes: the points decide."""
     model = _DiscModel(_peaked_at(48))
-    logits, iou = _answer(model, [(128, 128)], background=[(128, 129)])
+    logits, iou = _answer(model, [(0, 0)])
     assert model.point_calls == 1
     assert (logits > 0).sum() == 0 and iou == pytest.approx(0.2)
 

@@ -2,13 +2,15 @@
 
 LiteMedSAM's prompt path was trained on boxes: given a click on the liver of a CT it answers a blob of a few dozen
 pixels (predicted IoU ~0.2), on every organ of the shared CT (docs/benchmarks.md section 4.11). Its box answers are
-good and its predicted IoU tells a box that frames a structure from one that cuts it. So a click-only slice prompt is
-answered by square boxes of a few sizes around the positive clicks, decoded in one batch; the best-scored mask that
-holds every positive click and no negative one wins; it is then refit to its own bounding box (plus a margin, pushed
-out where the box cut it), at most REFITS times, while the model is surer of the refit mask. Clicks given with a box
-are correction clicks: the box alone answers when its mask already agrees with them (given to the model, clicks
-lower its box answers: mean Dice 0.893 -> 0.817 with a positive click in the middle of 8 organs' truth boxes), the
-box with the clicks where it does not and agrees better.
+good and its predicted IoU tells a box that frames a structure from one that cuts it. So the first click of a slice
+is answered by square boxes of a few sizes around it, decoded in one batch; the best-scored mask that holds the click
+wins; it is then refit to its own bounding box (plus a margin, pushed out where the box cut it), at most REFITS
+times, while the model is surer of the refit mask. Further clicks on the slice correct that answer's box, one at a
+time: a positive click the mask misses grows the box to hold it, a negative click inside the mask cuts the box on
+one side just past it (docs/benchmarks.md section 4.13: re-framing every click from scratch made corrections lower
+the Dice). Clicks given with a box are correction clicks too: the box alone answers when its mask already agrees
+with them (given to the model, clicks lower its box answers: mean Dice 0.893 -> 0.817 with a positive click in the
+middle of 8 organs' truth boxes), the box with the clicks where it does not and agrees better.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ HALF_SIDES_PX = (10.0, 24.0, 54.0)
 REFIT_MARGIN_PX = 3.0  # around the chosen mask's box (the propagation margin: organs' edges are soft)
 CUT_PX = 2.0  # a mask this close to its box's edge was cut by it
 REFITS = 2
+GROW_PX = 10.0  # a positive correction click is held by the box with this margin (the smallest candidate's)
+CUT_PAST_PX = 1.0  # a negative correction click is left this far outside the cut box
 
 
 @dataclass
@@ -50,9 +54,13 @@ def click_answer(model, embedding: torch.Tensor, coords, labels, box, inner) -> 
     the clicks)."""
     if box is not None:
         return corrected_box_answer(model, embedding, coords, labels, np.asarray(box, np.float32))
-    if not (labels == 1).any():
+    positives, negatives = coords[labels == 1], coords[labels == 0]
+    if not len(positives):
         return None
-    return box_answer(model, embedding, coords, labels, inner)
+    first = box_answer(model, embedding, positives[:1], np.ones(1, np.float32), inner)
+    if first is None:
+        return box_answer(model, embedding, coords, labels, inner)
+    return corrected_click_answer(model, embedding, first, positives, negatives, inner)
 
 
 def candidate_boxes(positives: np.ndarray, inner: tuple[int, int]) -> np.ndarray:
@@ -71,11 +79,10 @@ def holding_clicks(mask: np.ndarray, positives: np.ndarray, negatives: np.ndarra
     """The connected parts of `mask` (S, S) that hold a positive click, or None when a positive click lies outside
     them or a negative one inside."""
     parts, _ = ndimage.label(mask)
-    size = mask.shape[0]
 
     def at(points: np.ndarray) -> np.ndarray:
-        cells = np.clip(np.floor(points).astype(int), 0, size - 1)
-        return parts[cells[:, 1], cells[:, 0]]
+        rows, cols = cells(points, mask.shape[0])
+        return parts[rows, cols]
 
     hit = at(positives)
     if (hit == 0).any():
@@ -87,16 +94,21 @@ def holding_clicks(mask: np.ndarray, positives: np.ndarray, negatives: np.ndarra
 
 def agreeing_clicks(mask: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> int:
     """How many clicks the mask (S, S) agrees with: positive ones inside it, negative ones outside."""
-    cells = np.clip(np.floor(coords).astype(int), 0, mask.shape[0] - 1)
-    return int((mask[cells[:, 1], cells[:, 0]] == (labels == 1)).sum())
+    rows, cols = cells(coords, mask.shape[0])
+    return int((mask[rows, cols] == (labels == 1)).sum())
+
+
+def cells(points: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (rows, cols) of the model-grid cells under model-pixel points (N, 2) given as x, y."""
+    xy = np.clip(np.floor(points).astype(int), 0, size - 1)
+    return xy[:, 1], xy[:, 0]
 
 
 def corrected_box_answer(model, embedding, coords, labels, box: np.ndarray) -> BoxAnswer:
     """The box's own answer where its mask agrees with every click; else the answer to the box with the clicks
     where that one agrees with more of them."""
-    logits, ious = decode_boxes(model, embedding, box[None])
-    answer = BoxAnswer(logits[0], box, float(ious[0]))
-    agreed = agreeing_clicks(logits[0].cpu().numpy() > 0, coords, labels)
+    answer = decoded_answer(model, embedding, box)
+    agreed = agreeing_clicks(answer.logits.cpu().numpy() > 0, coords, labels)
     if agreed == len(coords):
         return answer
     points = (
@@ -141,13 +153,13 @@ def refit(model, embedding, answer: BoxAnswer, kept: np.ndarray, positives, nega
     (IoU x stability) and it still holds the clicks."""
     score = answer.iou * mask_stability(answer.logits.cpu().numpy())
     for _ in range(REFITS):
-        box = refit_box(kept, answer.box, inner)
-        logits, ious = decode_boxes(model, embedding, box[None])
-        new_kept = holding_clicks(logits[0].cpu().numpy() > 0, positives, negatives)
-        new_score = float(ious[0]) * mask_stability(logits[0].cpu().numpy())
+        refitted = decoded_answer(model, embedding, refit_box(kept, answer.box, inner))
+        logits = refitted.logits.cpu().numpy()
+        new_kept = holding_clicks(logits > 0, positives, negatives)
+        new_score = refitted.iou * mask_stability(logits)
         if new_kept is None or new_score <= score:
             break
-        answer, kept, score = BoxAnswer(logits[0], box, float(ious[0])), new_kept, new_score
+        answer, kept, score = refitted, new_kept, new_score
     return answer
 
 
@@ -158,3 +170,50 @@ def refit_box(kept: np.ndarray, box: np.ndarray, inner) -> np.ndarray:
     cut = np.abs(fit - box) <= CUT_PX
     push = np.where(cut, np.concatenate([half, half]), REFIT_MARGIN_PX)
     return clip_box(fit + np.array([-1, -1, 1, 1]) * push, inner)
+
+
+def corrected_click_answer(model, embedding, answer: BoxAnswer, positives, negatives, inner) -> BoxAnswer:
+    """The first click's answer corrected by the other clicks in turn: each positive click it misses grows its box
+    to hold the click (the grown box's answer stands even where the model still leaves the click out: keeping the
+    old answer then scored lower, docs/benchmarks.md section 4.13), each negative click inside it cuts the box
+    (cut_answer), or leaves the answer as it was where no cut leaves the click out."""
+    for click in positives[1:]:
+        if not holds(answer, click):
+            lo, hi = np.minimum(answer.box[:2], click - GROW_PX), np.maximum(answer.box[2:], click + GROW_PX)
+            answer = decoded_answer(model, embedding, clip_box(np.concatenate([lo, hi]), inner))
+    for click in negatives:
+        if holds(answer, click):
+            answer = cut_answer(model, embedding, answer, click, positives) or answer
+    return answer
+
+
+def cut_answer(model, embedding, answer: BoxAnswer, negative: np.ndarray, positives: np.ndarray) -> BoxAnswer | None:
+    """The best-scored answer to the box with one side moved just past a negative click, among the sides whose cut
+    keeps every positive click in the box, whose mask leaves out the negative click and holds the positive ones."""
+    cuts = []
+    for side in range(4):
+        cut = answer.box.copy()
+        cut[side] = negative[side % 2] + (CUT_PAST_PX if side < 2 else -CUT_PAST_PX)
+        inside = (positives >= cut[:2]).all(axis=1) & (positives <= cut[2:]).all(axis=1)
+        if (cut[2:] - cut[:2] > CUT_PX).all() and inside.all():
+            cuts.append(cut)
+    if not cuts:
+        return None
+    logits, ious = decode_boxes(model, embedding, np.stack(cuts))
+    best = None
+    for i, cut in enumerate(cuts):
+        candidate = BoxAnswer(logits[i], cut, float(ious[i]))
+        if not holds(candidate, negative) and all(holds(candidate, p) for p in positives):
+            best = candidate if best is None or candidate.iou > best.iou else best
+    return best
+
+
+def decoded_answer(model, embedding, box: np.ndarray) -> BoxAnswer:
+    logits, ious = decode_boxes(model, embedding, box[None])
+    return BoxAnswer(logits[0], box, float(ious[0]))
+
+
+def holds(answer: BoxAnswer, click: np.ndarray) -> bool:
+    """Whether the answer's mask covers a model-pixel click."""
+    rows, cols = cells(click[None], answer.logits.shape[-1])
+    return bool(answer.logits[rows[0], cols[0]] > 0)
