@@ -81,7 +81,8 @@ def answer(decoder, model, k: int, prompt: interactive.Prompt, volume, kind: str
     embedding = decoder.runtime.slice_embedding(decoder.path, k)
     with prompt_path_trained_on(model, "points and boxes" if kind == "sam_points" else "boxes"):
         start = time.perf_counter()
-        decoded = interactive.decode_mask(model, embedding, seed, decoder.letterbox)
+        # the server's memo of the answers after each click: a correction decodes only its own edit
+        decoded = interactive.decode_mask(model, embedding, seed, decoder.letterbox, decoder.click_memo(k))
         return decoded.mask, time.perf_counter() - start
 
 

@@ -5,7 +5,9 @@ resampled onto a 512x512x100 grid. A point on the liver of the slice with the mo
 infer request: once on a cold slice (encoded on demand), then --clicks times with the point moved a few voxels while
 the server encodes the rest of the study in the background (an annotator's next clicks), then --clicks times once
 that background work is done (the server's CPU time stops growing), each click a new point; then those last clicks
-again (answered from the server's decode cache). Each click records the round trip seen by the
+again (answered from the server's decode cache); then --clicks correction clicks after the first of those, each at
+the point deepest inside the largest error region of the last answer on the slice (positive where it misses the
+liver, negative where it spills over), as an annotator corrects. Each click records the round trip seen by the
 client, the server's own time for the request, the slices it encoded, and the Dice of the answer's mask against the
 liver on that slice (so that a fast but wrong answer shows).
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import psutil
+from click_quality import deepest_point
 from grid import label_value, on_grid
 from paths import DATA
 from records import command_line, machine_info, now_utc, write_json
@@ -66,7 +69,12 @@ def settle(pid: int, quiet_cpu_s: float = 0.2, timeout: float = 600) -> float:
 
 def click(client, image_id: str, k: int, point: tuple[int, int], liver: np.ndarray) -> dict:
     """One prompt request: round trip, server time, slices encoded, Dice of the mask on slice k."""
-    params = {"label": "liver", "foreground": [[point[0], point[1], k]], "background": [], "roi": [], "slice": k}
+    return request(client, image_id, k, [[point[0], point[1], k]], [], liver)[1]
+
+
+def request(client, image_id: str, k: int, foreground: list, background: list, liver: np.ndarray):
+    """(the answer's mask on slice k, its row: round trip, server time, slices encoded, Dice on slice k)."""
+    params = {"label": "liver", "foreground": foreground, "background": background, "roi": [], "slice": k}
     start = time.perf_counter()
     label_path, result = client.infer("samora_prompt", image_id, params)
     round_trip = time.perf_counter() - start
@@ -74,12 +82,29 @@ def click(client, image_id: str, k: int, point: tuple[int, int], liver: np.ndarr
     Path(label_path).unlink(missing_ok=True)
     truth = liver[:, :, k]
     dice = 2 * float((mask & truth).sum()) / max(1.0, float(mask.sum() + truth.sum()))
-    return {
+    return mask, {
         "round_trip_s": round(round_trip, 4),
         "server_s": result.get("latencies", {}).get("total"),
         "encoded_slices": result.get("encoded_slices"),
         "dice_on_slice": round(dice, 4),
+        "clicks": len(foreground) + len(background),
     }
+
+
+def corrections(client, image_id: str, k: int, point: tuple[int, int], liver: np.ndarray, count: int) -> list:
+    """Up to `count` correction clicks after a click at `point`, each at the deepest point of the last answer's
+    largest error region on slice k; one row per corrected answer."""
+    foreground, background, rows = [[point[0], point[1], k]], [], []
+    mask = request(client, image_id, k, foreground, background, liver)[0]
+    for _ in range(count):
+        errors = mask != liver[:, :, k]
+        if not errors.any():
+            break
+        i, j = deepest_point(errors)
+        (foreground if liver[i, j, k] else background).append([i, j, k])
+        mask, row = request(client, image_id, k, foreground, background, liver)
+        rows.append(row)
+    return rows
 
 
 def clicks(client, image_id: str, k: int, point: tuple[int, int], liver: np.ndarray, offsets: range) -> list[dict]:
@@ -117,6 +142,8 @@ def run(args: argparse.Namespace) -> dict:
             waited = settle(server.proc.pid)
             idle = clicks(client, "ct512", k, point, liver, range(args.clicks + 1, 2 * args.clicks + 1))
             repeated = clicks(client, "ct512", k, point, liver, range(args.clicks + 1, 2 * args.clicks + 1))
+            first = (point[0] + args.clicks + 1, point[1] - args.clicks - 1)  # the first idle click: warm
+            corrected = corrections(client, "ct512", k, first, liver, args.clicks)
             tree = [psutil.Process(server.proc.pid), *server.remember_children()]
             rss_mb = sum(p.memory_info().rss for p in tree if p.is_running()) / 2**20
         finally:
@@ -133,6 +160,7 @@ def run(args: argparse.Namespace) -> dict:
         "background_settled_after_s": round(waited, 1),
         "warm_idle": {**summary(idle), "rows": idle},
         "warm_idle_repeated_clicks": {**summary(repeated), "rows": repeated},
+        "warm_idle_corrections": {**summary(corrected), "rows": corrected} if corrected else None,
         "server_rss_mb_at_end": round(rss_mb),
     }
 
@@ -141,9 +169,12 @@ def render(record: dict) -> str:
     rows = [["cold slice", record["cold"]["round_trip_s"], record["cold"]["server_s"], 1,
              record["cold"]["encoded_slices"], record["cold"]["dice_on_slice"]]]  # fmt: skip
     conditions = (("warm, background encoding", "warm_during_background_encoding"), ("warm, idle", "warm_idle"),
-                  ("warm, idle, the same clicks again (decode cache)", "warm_idle_repeated_clicks"))  # fmt: skip
+                  ("warm, idle, the same clicks again (decode cache)", "warm_idle_repeated_clicks"),
+                  ("warm, idle, correction clicks after the first idle one", "warm_idle_corrections"))  # fmt: skip
     for name, key in conditions:
-        s = record[key]
+        s = record.get(key)
+        if s is None:  # no such clicks (a perfect first answer), or a record from before the row existed
+            continue
         rows.append([name, f"{s['round_trip_median_s']} (max {s['round_trip_max_s']})", s["server_median_s"],
                      s["clicks"], s["encoded_slices"], s["dice_on_slice_min"]])  # fmt: skip
     headers = ["click", "round trip s (median)", "server s", "clicks", "slices encoded", "liver Dice on slice (min)"]

@@ -19,6 +19,7 @@ class _DiscModel:
         self.iou_of, self.prompt_head, self.backbone = iou_of, self, self
         self.prompt_path_trained_on, self.pretrained = trained_on, pretrained
         self.point_calls = 0
+        self.boxes_decoded = 0
 
     def prompt(self, embedding, boxes=None, points=None) -> dict[str, torch.Tensor]:
         if points is not None:
@@ -28,6 +29,7 @@ class _DiscModel:
                 x0, y0, x1, y1 = (int(v) for v in boxes[0].tolist())
                 logits[..., y0:y1, x0:x1] = 20.0
             return {"iou": torch.full((1, 4), 0.2), "low_res_logits": logits}
+        self.boxes_decoded += len(boxes)
         yy, xx = torch.meshgrid(torch.arange(SIZE) + 0.5, torch.arange(SIZE) + 0.5, indexing="ij")
         logits, ious = [], []
         for x0, y0, x1, y1 in boxes.tolist():
@@ -41,13 +43,13 @@ class _DiscModel:
         return out["low_res_logits"][:, :1]
 
 
-def _answer(model, foreground, background=(), roi=None) -> tuple[np.ndarray, float]:
+def _answer(model, foreground, background=(), roi=None, memo=None) -> tuple[np.ndarray, float]:
     """The served answer (interactive._decode) to clicks (row, col) on slice 0 of a 256 x 256 x 1 volume."""
     clicks = [(r, c, 0) for r, c in foreground], [(r, c, 0) for r, c in background]
     prompt = interactive.Prompt("liver", *clicks, roi=roi)
     (seed,) = interactive.slice_prompts(prompt, 2, (SIZE, SIZE, 1), SIZE).values()
     letterbox = interactive.slice_letterbox((SIZE, SIZE, 1), 2, SIZE)
-    return interactive._decode(model, torch.zeros(1, 4, 2, 2), seed, letterbox)
+    return interactive._decode(model, torch.zeros(1, 4, 2, 2), seed, letterbox, memo)
 
 
 def _peaked_at(width: float):
@@ -103,6 +105,24 @@ def test_several_positive_clicks_are_framed_together():
     model = _DiscModel(_peaked_at(68))
     logits, _ = _answer(model, [(128, 110), (128, 140)])
     assert logits[128, 110] > 0 and logits[128, 140] > 0
+
+
+def test_a_correction_decodes_only_its_own_edit_when_the_earlier_answers_are_kept():
+    model, kept = _DiscModel(_peaked_at(48)), {}
+
+    def memo(key, compute):
+        return kept[key] if key in kept else kept.setdefault(key, compute())
+
+    clicks = [(128, 128), (128, 160), (160, 128)]  # each correction 32 px from the first click, outside its ellipse
+    _answer(model, clicks[:1], memo=memo)
+    assert model.boxes_decoded >= len(click_boxes.HALF_SIDES_PX) and len(kept) == 1
+    for n in (2, 3):
+        before = model.boxes_decoded
+        logits, _ = _answer(model, clicks[:n], memo=memo)
+        assert model.boxes_decoded - before == 1  # this click's grown box only
+        unkept, _ = _answer(_DiscModel(_peaked_at(48)), clicks[:n])
+        np.testing.assert_array_equal(logits, unkept)
+    assert len(kept) == 3
 
 
 def test_when_no_box_holds_the_click_the_prompt_path_answers_it():

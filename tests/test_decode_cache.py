@@ -1,10 +1,11 @@
-"""The server's decode cache: byte budget, least-recently-used eviction, and one model's masks at a time."""
+"""The server's decode cache: byte budget, least-recently-used eviction, and one model's masks at a time; the same
+for the recent first-click answers kept for correction clicks."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from samora.serving.decode_cache import DecodeCache, SliceMask
+from samora.serving.decode_cache import DecodeCache, RecentAnswers, SliceMask
 
 
 def _mask(seed: int, shape=(64, 64)) -> SliceMask:
@@ -43,3 +44,17 @@ def test_another_model_never_gets_the_last_models_masks():
     answer = cache.get_or_compute(new, "k", lambda: _mask(2))
     np.testing.assert_array_equal(answer.mask, _mask(2).mask)
     assert cache.decoded == 2 and len(cache) == 1
+
+
+def test_recent_answers_keep_the_last_ones_and_only_for_their_model():
+    answers, model, calls = RecentAnswers(size=2), object(), []
+
+    def compute(value):
+        return lambda: calls.append(value) or value
+
+    for key in ("a", "b", "a", "c"):  # "a" used again before "c" arrives: "b" is the least recently used
+        answers.get_or_compute(model, key, compute(key))
+    assert calls == ["a", "b", "c"] and answers.computed == 3
+    assert answers.get_or_compute(model, "a", compute("a2")) == "a"
+    assert answers.get_or_compute(model, "b", compute("b2")) == "b2"  # dropped, computed again
+    assert answers.get_or_compute(object(), "a", compute("a3")) == "a3"  # another model computes its own

@@ -290,7 +290,7 @@ def test_new_encoder_state_invalidates_the_cache(runtime, phantom):
 def _patch_decoding(monkeypatch, decode) -> None:
     """Every decoder call of the prompt path answers with `decode`'s logits (their stability as the confidence)."""
 
-    def with_confidence(model, embedding, prompt, letterbox):
+    def with_confidence(model, embedding, prompt, letterbox, memo=None):
         logits = decode(model, embedding, prompt, letterbox)
         stability = interactive.mask_stability(logits)
         return SliceMask(logits > 0, stability, stability)
@@ -341,7 +341,7 @@ def test_a_click_alone_spreads_only_from_a_mask_the_model_is_sure_of(runtime, ph
     boxed = _box_params(organ, "liver", k=k)
 
     def decoding_at(confidence: float):
-        return lambda model, embedding, prompt, letterbox: SliceMask(
+        return lambda model, embedding, prompt, letterbox, memo=None: SliceMask(
             organ_logits(runtime, organ, embedding) > 0, 1.0, confidence
         )
 
@@ -484,6 +484,9 @@ class _EmbeddingRuntime:
 
     def cached_decode(self, path: str, k: int, model, key: bytes, decode):
         return decode()
+
+    def cached_click_answer(self, path: str, k: int, model, key: bytes, compute):
+        return compute()
 
 
 def _decoder(model, letterbox) -> interactive.SliceDecoder:

@@ -15,6 +15,7 @@ middle of 8 organs' truth boxes), the box with the clicks where it does not and 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,19 +49,33 @@ def answers_clicks_through_boxes(model, coords: np.ndarray) -> bool:
     return len(coords) > 0 and model.backbone.prompt_path_trained_on == "boxes" and model.backbone.pretrained
 
 
-def click_answer(model, embedding: torch.Tensor, coords, labels, box, inner) -> BoxAnswer | None:
+def click_answer(model, embedding: torch.Tensor, coords, labels, box, inner, memo=None) -> BoxAnswer | None:
     """The answer to a slice prompt with clicks on a box-trained prompt path (model-pixel clicks and box), or None
     where the prompt path's own answer to the clicks should stand (no positive click and no box, or no box holds
-    the clicks)."""
+    the clicks). `memo(key, compute)`, where given, keeps the answer after each click between requests, so that a
+    correction click costs only its own edit."""
     if box is not None:
         return corrected_box_answer(model, embedding, coords, labels, np.asarray(box, np.float32))
     positives, negatives = coords[labels == 1], coords[labels == 0]
     if not len(positives):
         return None
-    first = box_answer(model, embedding, positives[:1], np.ones(1, np.float32), inner)
+    remember = memo or _compute
+    first = remember(
+        clicks_key(positives[:1], negatives[:0]),
+        functools.partial(box_answer, model, embedding, positives[:1], np.ones(1, np.float32), inner),
+    )
     if first is None:
         return box_answer(model, embedding, coords, labels, inner)
-    return corrected_click_answer(model, embedding, first, positives, negatives, inner)
+    return corrected_click_answer(model, embedding, first, positives, negatives, inner, remember)
+
+
+def _compute(key: bytes, compute):
+    return compute()
+
+
+def clicks_key(positives: np.ndarray, negatives: np.ndarray) -> bytes:
+    """The bytes that name the clicks an answer has taken in."""
+    return np.asarray(positives, np.float32).tobytes() + b"|" + np.asarray(negatives, np.float32).tobytes()
 
 
 def candidate_boxes(positives: np.ndarray, inner: tuple[int, int]) -> np.ndarray:
@@ -172,19 +187,36 @@ def refit_box(kept: np.ndarray, box: np.ndarray, inner) -> np.ndarray:
     return clip_box(fit + np.array([-1, -1, 1, 1]) * push, inner)
 
 
-def corrected_click_answer(model, embedding, answer: BoxAnswer, positives, negatives, inner) -> BoxAnswer:
-    """The first click's answer corrected by the other clicks in turn: each positive click it misses grows its box
-    to hold the click (the grown box's answer stands even where the model still leaves the click out: keeping the
-    old answer then scored lower, docs/benchmarks.md section 4.13), each negative click inside it cuts the box
-    (cut_answer), or leaves the answer as it was where no cut leaves the click out."""
-    for click in positives[1:]:
-        if not holds(answer, click):
-            lo, hi = np.minimum(answer.box[:2], click - GROW_PX), np.maximum(answer.box[2:], click + GROW_PX)
-            answer = decoded_answer(model, embedding, clip_box(np.concatenate([lo, hi]), inner))
-    for click in negatives:
-        if holds(answer, click):
-            answer = cut_answer(model, embedding, answer, click, positives) or answer
+def corrected_click_answer(
+    model, embedding, answer: BoxAnswer, positives, negatives, inner, remember=_compute
+) -> BoxAnswer:
+    """The first click's answer corrected by the other clicks in turn, positive ones first (grown_answer), then
+    negative ones (answer_without); each step's answer comes from `remember` under the clicks taken in so far."""
+    for m in range(1, len(positives)):
+        step = functools.partial(grown_answer, model, embedding, answer, positives[m], inner)
+        answer = remember(clicks_key(positives[: m + 1], negatives[:0]), step)
+    for n in range(len(negatives)):
+        step = functools.partial(answer_without, model, embedding, answer, negatives[n], positives)
+        answer = remember(clicks_key(positives, negatives[: n + 1]), step)
     return answer
+
+
+def grown_answer(model, embedding, answer: BoxAnswer, click: np.ndarray, inner) -> BoxAnswer:
+    """The answer to its box grown to hold a positive click with GROW_PX, where the mask misses the click. The grown
+    box's answer stands even where the model still leaves the click out (keeping the old answer then scored lower,
+    docs/benchmarks.md section 4.13)."""
+    if holds(answer, click):
+        return answer
+    lo, hi = np.minimum(answer.box[:2], click - GROW_PX), np.maximum(answer.box[2:], click + GROW_PX)
+    return decoded_answer(model, embedding, clip_box(np.concatenate([lo, hi]), inner))
+
+
+def answer_without(model, embedding, answer: BoxAnswer, click: np.ndarray, positives: np.ndarray) -> BoxAnswer:
+    """The answer with its box cut to leave out a negative click inside the mask (cut_answer), or as it was where
+    no cut does."""
+    if not holds(answer, click):
+        return answer
+    return cut_answer(model, embedding, answer, click, positives) or answer
 
 
 def cut_answer(model, embedding, answer: BoxAnswer, negative: np.ndarray, positives: np.ndarray) -> BoxAnswer | None:

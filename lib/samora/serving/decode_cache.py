@@ -95,3 +95,37 @@ class DecodeCache:
     def clear(self) -> None:
         with self._lock:
             self._drop_all()
+
+
+class RecentAnswers:
+    """The last `size` values computed under a key by one owner (the model), least recently used dropped first, all
+    dropped when the owner changes; thread-safe. Holds the box answers after each click of recent click prompts, so
+    that a correction click decodes only its own edit (samora.serving.click_boxes; 256 KiB each)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self.computed = 0  # cache misses, for tests and benchmarks
+        self._entries: OrderedDict[Hashable, object] = OrderedDict()
+        self._owner: object | None = None
+        self._lock = threading.Lock()
+
+    def get_or_compute(self, owner: object, key: Hashable, compute: Callable[[], object]) -> object:
+        with self._lock:
+            if owner is not self._owner:
+                self._entries.clear()
+                self._owner = owner
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        value = compute()
+        with self._lock:
+            self.computed += 1
+            if owner is self._owner:
+                self._entries[key] = value
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -201,11 +202,13 @@ def decode_slice_prompt(model, embedding: torch.Tensor, prompt: SlicePrompt, let
 
 
 @torch.no_grad()
-def _decode(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox) -> tuple[np.ndarray, float]:
+def _decode(
+    model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox, memo=None
+) -> tuple[np.ndarray, float]:
     """decode_slice_prompt's logits, and the prompt head's predicted IoU of that mask. Clicks on a prompt path that
     learned from boxes are answered through boxes (samora.serving.click_boxes)."""
     if answers_clicks_through_boxes(model, prompt.coords):
-        answer = click_answer(model, embedding, prompt.coords, prompt.labels, prompt.box, letterbox.inner)
+        answer = click_answer(model, embedding, prompt.coords, prompt.labels, prompt.box, letterbox.inner, memo)
         if answer is not None:
             return letterbox.back(answer.logits[None, None])[0, 0].cpu().numpy(), answer.iou
     device = embedding.device
@@ -224,9 +227,10 @@ def _decode(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Lett
     return letterbox.back(logits)[0, 0].float().cpu().numpy(), float(iou)
 
 
-def decode_mask(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox) -> SliceMask:
-    """decode_slice_prompt's mask, its stability, and how sure the model is of it: predicted IoU x stability."""
-    logits, iou = _decode(model, embedding, prompt, letterbox)
+def decode_mask(model, embedding: torch.Tensor, prompt: SlicePrompt, letterbox: Letterbox, memo=None) -> SliceMask:
+    """decode_slice_prompt's mask, its stability, and how sure the model is of it: predicted IoU x stability.
+    `memo` keeps a click prompt's answers after each click between requests (click_boxes.click_answer)."""
+    logits, iou = _decode(model, embedding, prompt, letterbox, memo)
     stability = mask_stability(logits)
     return SliceMask(logits > 0, stability, iou * stability)
 
@@ -251,9 +255,14 @@ class SliceDecoder:
 
     def __call__(self, k: int, prompt: SlicePrompt) -> SliceMask:
         def decode() -> SliceMask:
-            return decode_mask(self.model, self.runtime.slice_embedding(self.path, k), prompt, self.letterbox)
+            embedding = self.runtime.slice_embedding(self.path, k)
+            return decode_mask(self.model, embedding, prompt, self.letterbox, self.click_memo(k))
 
         return self.runtime.cached_decode(self.path, k, self.model, prompt_key(prompt), decode)
+
+    def click_memo(self, k: int):
+        """Keeps slice k's answers after each click in the runtime, so that a correction click costs only its edit."""
+        return functools.partial(self.runtime.cached_click_answer, self.path, k, self.model)
 
 
 def propagated_mask(decoder: SliceDecoder, z: int, previous: np.ndarray, within: np.ndarray | None) -> SliceMask:

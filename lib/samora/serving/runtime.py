@@ -20,7 +20,7 @@ from samora.engine.encoder_path import select as select_encoder_path
 from samora.engine.inference import normalised_volume
 from samora.engine.store import ModelStore
 from samora.model import SamoraModel
-from samora.serving.decode_cache import DecodeCache, SliceMask
+from samora.serving.decode_cache import DecodeCache, RecentAnswers, SliceMask
 from samora.serving.embedding_cache import EmbeddingCache
 from samora.serving.prefetch import Prefetcher
 from samora.serving.settings import AppSettings
@@ -46,6 +46,7 @@ class ModelRuntime:
         # slice embeddings of every task in this process (prompts, auto-segmentation, scoring), fp16, byte budget
         self.embeddings = EmbeddingCache(int(settings.embedding_memory_mb * 2**20))
         self.decodes = DecodeCache()  # prompt masks per (slice, prompt) of the served model
+        self.click_answers = RecentAnswers()  # box answers after each click per (slice, clicks), for corrections
         self.prefetcher = Prefetcher(self.slice_embedding, self.is_cached, name=PREFETCH_THREAD)
         self._fingerprint: tuple[SamoraModel, str] | None = None
         self._volumes: OrderedDict[str, tuple[float, Volume, np.ndarray]] = OrderedDict()
@@ -176,6 +177,12 @@ class ModelRuntime:
         """decode() of a prompt on slice `index` of `path`, once per (file version, slice, prompt) and model."""
         key = (path, Path(path).stat().st_mtime_ns, int(index), prompt_key)
         return self.decodes.get_or_compute(model, key, decode)
+
+    def cached_click_answer(self, path: str, index: int, model: SamoraModel, clicks_key: bytes, compute):
+        """compute() of a click prompt's answer after some of its clicks (samora.serving.click_boxes), once per
+        (file version, slice, clicks) and model among the recent ones."""
+        key = (path, Path(path).stat().st_mtime_ns, int(index), clicks_key)
+        return self.click_answers.get_or_compute(model, key, compute)
 
     def is_cached(self, path: str, index: int) -> bool:
         """Whether slice `index` of `path` is cached or being encoded."""
