@@ -64,6 +64,16 @@ def deepest_point(truth: np.ndarray) -> tuple[int, int]:
     return int(i), int(j)
 
 
+def correction_click(mask: np.ndarray, truth: np.ndarray) -> tuple[tuple[int, int], bool] | None:
+    """Where an annotator corrects a slice's answer: the point deepest inside its largest error region, and whether
+    the click is positive there (the answer missed the structure); None where the answer is perfect."""
+    errors = mask != truth
+    if not errors.any():
+        return None
+    i, j = deepest_point(errors)
+    return (i, j), bool(truth[i, j])
+
+
 @contextlib.contextmanager
 def prompt_path_trained_on(model, what: str):
     """Temporarily tell the router what the prompt path learned from ("points and boxes": SAM answers clicks)."""
@@ -99,11 +109,11 @@ def correction_curve(decoder, model, k: int, name: str, truth: np.ndarray, first
                              "served")  # fmt: skip
         dices.append(round(dice(mask, truth), 4))
         seconds += [spent] if step else []
-        errors = mask != truth
-        if step == clicks or not errors.any():
+        correction = correction_click(mask, truth)
+        if step == clicks or correction is None:
             break
-        i, j = deepest_point(errors)
-        (foreground if truth[i, j] else background).append((i, j, k))
+        (i, j), positive = correction
+        (foreground if positive else background).append((i, j, k))
     dices += dices[-1:] * (clicks + 1 - len(dices))  # a perfect answer stays perfect
     return {"dice": dices, "decoder_s": [round(t, 4) for t in seconds]}
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import psutil
-from click_quality import deepest_point
+from click_quality import correction_click
 from grid import label_value, on_grid
 from paths import DATA
 from records import command_line, machine_info, now_utc, write_json
@@ -97,11 +97,11 @@ def corrections(client, image_id: str, k: int, point: tuple[int, int], liver: np
     foreground, background, rows = [[point[0], point[1], k]], [], []
     mask = request(client, image_id, k, foreground, background, liver)[0]
     for _ in range(count):
-        errors = mask != liver[:, :, k]
-        if not errors.any():
+        correction = correction_click(mask, liver[:, :, k])
+        if correction is None:
             break
-        i, j = deepest_point(errors)
-        (foreground if liver[i, j, k] else background).append([i, j, k])
+        (i, j), positive = correction
+        (foreground if positive else background).append([i, j, k])
         mask, row = request(client, image_id, k, foreground, background, liver)
         rows.append(row)
     return rows
