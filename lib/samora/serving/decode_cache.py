@@ -9,12 +9,12 @@ a byte budget, and all dropped when the served model changes (a new version may 
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import numpy as np
+
+from samora.serving.lru import OwnedCache
 
 DECODE_CACHE_BYTES = 64 * 2**20  # ~2000 decoded 512x512 slices: a few 3D boxes with all their margin retries
 
@@ -47,85 +47,36 @@ class _Packed:
 
 
 class DecodeCache:
-    """LRU of decoded slice masks under `max_bytes`, scoped to one model object; thread-safe."""
+    """LRU of decoded slice masks, bit-packed, under `max_bytes`, scoped to one model object; thread-safe."""
 
     def __init__(self, max_bytes: int = DECODE_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
-        self.nbytes = 0
-        self.decoded = 0  # computed entries (cache misses); lets tests and benchmarks show the cache working
-        self._entries: OrderedDict[Hashable, _Packed] = OrderedDict()
-        self._owner: object | None = None
-        self._lock = threading.Lock()
+        self._packed: OwnedCache[_Packed] = OwnedCache(max_bytes, lambda packed: packed.bits.nbytes)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._packed)
+
+    @property
+    def nbytes(self) -> int:
+        return self._packed.total_cost
+
+    @property
+    def decoded(self) -> int:
+        """Computed entries (cache misses); lets tests and benchmarks show the cache working."""
+        return self._packed.computed
 
     def get_or_compute(self, owner: object, key: Hashable, compute: Callable[[], SliceMask]) -> SliceMask:
         """The mask decoded under `key` by `owner` (the model), or compute() and keep it."""
-        with self._lock:
-            if owner is not self._owner:
-                self._drop_all()
-                self._owner = owner
-            hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-                return hit.unpack()
-        decoded = compute()
-        packed = _Packed.of(decoded)
-        with self._lock:
-            self.decoded += 1
-            if owner is self._owner and packed.bits.nbytes <= self.max_bytes:
-                self._keep(key, packed)
-        return decoded
-
-    def _keep(self, key: Hashable, packed: _Packed) -> None:
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.bits.nbytes
-        self._entries[key] = packed
-        self.nbytes += packed.bits.nbytes
-        while self.nbytes > self.max_bytes:
-            _, dropped = self._entries.popitem(last=False)
-            self.nbytes -= dropped.bits.nbytes
-
-    def _drop_all(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
+        return self._packed.get_or_compute(owner, key, lambda: _Packed.of(compute())).unpack()
 
     def clear(self) -> None:
-        with self._lock:
-            self._drop_all()
+        self._packed.clear()
 
 
-class RecentAnswers:
-    """The last `size` values computed under a key by one owner (the model), least recently used dropped first, all
-    dropped when the owner changes; thread-safe. Holds the box answers after each click of recent click prompts, so
-    that a correction click decodes only its own edit (samora.serving.click_boxes; 256 KiB each)."""
+class RecentAnswers(OwnedCache[object]):
+    """The last `size` values computed under a key by one owner (the model). Holds the box answers after each click
+    of recent click prompts, so that a correction click decodes only its own edit (samora.serving.click_boxes;
+    256 KiB each)."""
 
     def __init__(self, size: int = 64) -> None:
-        self.size = size
-        self.computed = 0  # cache misses, for tests and benchmarks
-        self._entries: OrderedDict[Hashable, object] = OrderedDict()
-        self._owner: object | None = None
-        self._lock = threading.Lock()
-
-    def get_or_compute(self, owner: object, key: Hashable, compute: Callable[[], object]) -> object:
-        with self._lock:
-            if owner is not self._owner:
-                self._entries.clear()
-                self._owner = owner
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key]
-        value = compute()
-        with self._lock:
-            self.computed += 1
-            if owner is self._owner:
-                self._entries[key] = value
-                while len(self._entries) > self.size:
-                    self._entries.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        super().__init__(size, lambda _: 1)

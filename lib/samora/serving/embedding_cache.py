@@ -13,10 +13,11 @@ other thread that needs it, never encoded twice at once.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import torch
+
+from samora.serving.lru import CostLRU
 
 
 class EmbeddingCache:
@@ -24,10 +25,8 @@ class EmbeddingCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.nbytes = 0
         self.encoded = 0
-        self.evicted = 0
-        self._entries: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+        self._entries: CostLRU[torch.Tensor] = CostLRU(max_bytes, _tensor_bytes)
         self._in_flight: dict[Hashable, threading.Event] = {}
         self._lock = threading.Lock()
 
@@ -38,30 +37,25 @@ class EmbeddingCache:
         with self._lock:
             return key in self._entries or key in self._in_flight
 
+    @property
+    def nbytes(self) -> int:
+        return self._entries.total
+
+    @property
+    def evicted(self) -> int:
+        return self._entries.evicted
+
     def get(self, key: Hashable) -> torch.Tensor | None:
         """The float32 embedding under `key`, or None (no waiting)."""
         with self._lock:
             hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
         return None if hit is None else hit.float()
 
     def put(self, key: Hashable, embedding: torch.Tensor) -> torch.Tensor:
         """Keep the float16 copy of `embedding` (if it fits the budget); returns that copy."""
         stored = embedding.detach().to("cpu", torch.float16).contiguous()
-        size = stored.numel() * stored.element_size()
         with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.nbytes -= old.numel() * old.element_size()
-            if size > self.max_bytes:
-                return stored  # larger than the whole budget (or budget 0): not kept
-            self._entries[key] = stored
-            self.nbytes += size
-            while self.nbytes > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self.nbytes -= dropped.numel() * dropped.element_size()
-                self.evicted += 1
+            self._entries.put(key, stored)
         return stored
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -70,7 +64,6 @@ class EmbeddingCache:
             with self._lock:
                 hit = self._entries.get(key)
                 if hit is not None:
-                    self._entries.move_to_end(key)
                     return hit.float()
                 pending = self._in_flight.get(key)
                 if pending is None:
@@ -95,4 +88,7 @@ class EmbeddingCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
-            self.nbytes = 0
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
