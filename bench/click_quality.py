@@ -232,19 +232,8 @@ def render(record: dict) -> str:
     return md_table(headers, rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DATA), help="the shared data folder")
-    parser.add_argument("--cases", nargs="+", default=list(CASES))
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs/results/click_quality.json"))
-    parser.add_argument("--structures", nargs="*", help="only these structures (default: every labelled one)")
-    parser.add_argument("--spread-confidence", nargs="*", type=float, default=[0.8, 0.7],
-                        help="click_spread_confidence values of the 3D part (none: skip it)")  # fmt: skip
-    parser.add_argument("--corrections", type=int, default=5, help="correction clicks after the first (0: none)")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    runtime = ModelRuntime(AppSettings(), tempfile.mkdtemp(prefix="click-quality-"))
+def measure(args: argparse.Namespace, runtime: ModelRuntime) -> dict:
+    """The record of one run: each case's click rows, their summary and the 3D part."""
     version, model = runtime.model()
     record = {
         "benchmark": "click_quality",
@@ -260,6 +249,23 @@ def main(argv: list[str] | None = None) -> int:
         summary_3d = {str(c): round(statistics.fmean(r[str(c)]["dice_3d"] for r in rows_3d), 4)
                       for c in args.spread_confidence} if rows_3d else {}  # fmt: skip
         record["cases"][name] = {"summary": summarise(rows), "rows": rows, "summary_3d": summary_3d, "rows_3d": rows_3d}
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DATA), help="the shared data folder")
+    parser.add_argument("--cases", nargs="+", default=list(CASES))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs/results/click_quality.json"))
+    parser.add_argument("--structures", nargs="*", help="only these structures (default: every labelled one)")
+    parser.add_argument("--spread-confidence", nargs="*", type=float, default=[0.8, 0.7],
+                        help="click_spread_confidence values of the 3D part (none: skip it)")  # fmt: skip
+    parser.add_argument("--corrections", type=int, default=5, help="correction clicks after the first (0: none)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="click-quality-") as model_dir:  # the runtime's (unused) model folder
+        record = measure(args, ModelRuntime(AppSettings(), model_dir))
     print(render(record))
     print(render_corrections(record))
     print(render_3d(record))
