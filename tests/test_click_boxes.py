@@ -101,6 +101,33 @@ def test_a_negative_click_no_cut_can_leave_out_keeps_the_answer():
     assert abs((logits > 0).sum() - np.pi * 24**2) < 0.05 * np.pi * 24**2
 
 
+def test_a_positive_click_the_grown_answer_misses_adds_its_local_part_when_the_annotator_insists():
+    """Diagonal from the first disc, the click lies outside the ellipse of the grown box too: left so the first time
+    (the grown box's answer stands), the small disc around it is added when the same place is clicked again."""
+    model = _DiscModel(_peaked_at(48))
+    once, _ = _answer(model, [(128, 128), (165, 165)])
+    assert once[165, 165] < 0 and once[128, 128] > 0
+    logits, _ = _answer(model, [(128, 128), (165, 165), (165, 165)])
+    assert logits[165, 165] > 0 and logits[128, 128] > 0
+    grown_x1 = 165.5 + click_boxes.GROW_PX
+    grown_disc = np.pi * ((grown_x1 - 104.5) / 2) ** 2
+    assert abs((once > 0).sum() - grown_disc) < 0.05 * grown_disc
+    assert grown_disc < (logits > 0).sum() < grown_disc + np.pi * click_boxes.HALF_SIDES_PX[0] ** 2
+
+
+def test_a_negative_click_no_cut_can_honour_takes_out_its_local_part_when_the_annotator_insists():
+    """Between two positive clicks on one row every cut leaves a positive out of the box: the answer stands the first
+    time; clicked again, the small disc around the negative click, which holds neither positive, is taken out."""
+    model = _DiscModel(_peaked_at(48))
+    positives = [(128, 128), (128, 150)]
+    once, _ = _answer(model, positives, background=[(128, 139)])
+    assert once[128, 139] > 0 and abs((once > 0).sum() - np.pi * 24**2) < 0.05 * np.pi * 24**2
+    logits, _ = _answer(model, positives, background=[(128, 139), (128, 139)])
+    assert logits[128, 139] < 0 and logits[128, 128] > 0 and logits[128, 150] > 0
+    removed = np.pi * click_boxes.HALF_SIDES_PX[0] ** 2
+    assert abs((logits > 0).sum() - (np.pi * 24**2 - removed)) < 0.05 * np.pi * 24**2
+
+
 def test_several_positive_clicks_are_framed_together():
     model = _DiscModel(_peaked_at(68))
     logits, _ = _answer(model, [(128, 110), (128, 140)])
@@ -190,12 +217,15 @@ def test_day_one_clicks_segment_the_large_organs_of_real_ct(shared_data, tmp_pat
     """Before any training, one click in the middle of each of the 8 large organs on its largest slice: mean Dice on
     that slice >= 0.7 (SAM's own answer to the click, a blob of a few dozen pixels, scored 0.00-0.05)."""
     import json
-
-    from scipy import ndimage
+    import sys
+    from pathlib import Path
 
     from samora.data import load_label
     from samora.serving.runtime import ModelRuntime
     from samora.serving.settings import AppSettings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from click_quality import deepest_point  # where the benchmark's annotator clicks
 
     torch.set_num_threads(2)
     case = shared_data / "ct_abdomen_totalseg"
@@ -212,9 +242,7 @@ def test_day_one_clicks_segment_the_large_organs_of_real_ct(shared_data, tmp_pat
         truth3d = labels == names[organ]
         k = int(np.argmax(truth3d.sum(axis=(0, 1))))
         truth = truth3d[:, :, k]
-        parts, n = ndimage.label(truth)
-        largest = parts == 1 + int(np.argmax(ndimage.sum(truth, parts, range(1, n + 1))))
-        i, j = np.unravel_index(int(np.argmax(ndimage.distance_transform_edt(largest))), truth.shape)
+        i, j = deepest_point(truth)
         prompt = interactive.Prompt(organ, [(int(i), int(j), k)])
         (seed,) = interactive.slice_prompts(prompt, 2, volume.shape, model.config.image_size, volume.affine).values()
         mask = decoder(k, seed).mask

@@ -8,9 +8,11 @@ wins; it is then refit to its own bounding box (plus a margin, pushed out where 
 times, while the model is surer of the refit mask. Further clicks on the slice correct that answer's box, one at a
 time: a positive click the mask misses grows the box to hold it, a negative click inside the mask cuts the box on
 one side just past it (docs/benchmarks.md section 4.13: re-framing every click from scratch made corrections lower
-the Dice). Clicks given with a box are correction clicks too: the box alone answers when its mask already agrees
-with them (given to the model, clicks lower its box answers: mean Dice 0.893 -> 0.817 with a positive click in the
-middle of 8 organs' truth boxes), the box with the clicks where it does not and agrees better.
+the Dice); where the edit does not honour a click the annotator repeats, the answer to a small box around it is
+added or taken out.
+Clicks given with a box are correction clicks too: the box alone answers when its mask already agrees with them
+(given to the model, clicks lower its box answers: mean Dice 0.893 -> 0.817 with a positive click in the middle of
+8 organs' truth boxes), the box with the clicks where it does not and agrees better.
 """
 
 from __future__ import annotations
@@ -193,30 +195,46 @@ def corrected_click_answer(
     """The first click's answer corrected by the other clicks in turn, positive ones first (grown_answer), then
     negative ones (answer_without); each step's answer comes from `remember` under the clicks taken in so far."""
     for m in range(1, len(positives)):
-        step = functools.partial(grown_answer, model, embedding, answer, positives[m], inner)
+        insisted = near_any(positives[m], positives[:m])
+        step = functools.partial(grown_answer, model, embedding, answer, positives[m], inner, insisted)
         answer = remember(clicks_key(positives[: m + 1], negatives[:0]), step)
     for n in range(len(negatives)):
-        step = functools.partial(answer_without, model, embedding, answer, negatives[n], positives)
+        insisted = near_any(negatives[n], negatives[:n])
+        step = functools.partial(answer_without, model, embedding, answer, negatives[n], positives, inner, insisted)
         answer = remember(clicks_key(positives, negatives[: n + 1]), step)
     return answer
 
 
-def grown_answer(model, embedding, answer: BoxAnswer, click: np.ndarray, inner) -> BoxAnswer:
-    """The answer to its box grown to hold a positive click with GROW_PX, where the mask misses the click. The grown
-    box's answer stands even where the model still leaves the click out (keeping the old answer then scored lower,
-    docs/benchmarks.md section 4.13)."""
+def near_any(click: np.ndarray, earlier: np.ndarray) -> bool:
+    """Whether an earlier click of the same sign lies within the local box's half-side of this one: the annotator
+    insists on that place."""
+    return bool(len(earlier)) and bool((np.abs(earlier - click).max(axis=1) <= HALF_SIDES_PX[0]).any())
+
+
+def grown_answer(model, embedding, answer: BoxAnswer, click: np.ndarray, inner, insisted: bool) -> BoxAnswer:
+    """The answer to its box grown to hold a positive click with GROW_PX, where the mask misses the click. Where the
+    grown box's answer still leaves the click out it stands (keeping the old answer scored lower), unless the
+    annotator insisted on the place: then the click's local part is added (with_local_part; adding it at the first
+    try spoilt answers whose missed rim SAM sees as a neighbour, docs/benchmarks.md section 4.13)."""
     if holds(answer, click):
         return answer
     lo, hi = np.minimum(answer.box[:2], click - GROW_PX), np.maximum(answer.box[2:], click + GROW_PX)
-    return decoded_answer(model, embedding, clip_box(np.concatenate([lo, hi]), inner))
+    grown = decoded_answer(model, embedding, clip_box(np.concatenate([lo, hi]), inner))
+    if holds(grown, click) or not insisted:
+        return grown
+    return with_local_part(model, embedding, grown, click, inner)
 
 
-def answer_without(model, embedding, answer: BoxAnswer, click: np.ndarray, positives: np.ndarray) -> BoxAnswer:
-    """The answer with its box cut to leave out a negative click inside the mask (cut_answer), or as it was where
-    no cut does."""
+def answer_without(model, embedding, answer, click: np.ndarray, positives, inner, insisted: bool) -> BoxAnswer:
+    """The answer with its box cut to leave out a negative click inside the mask (cut_answer). Where no cut does, the
+    answer as it was, or, where the annotator insisted on the place, with the click's local part taken out
+    (without_local_part)."""
     if not holds(answer, click):
         return answer
-    return cut_answer(model, embedding, answer, click, positives) or answer
+    cut = cut_answer(model, embedding, answer, click, positives)
+    if cut is not None:
+        return cut
+    return without_local_part(model, embedding, answer, click, positives, inner) if insisted else answer
 
 
 def cut_answer(model, embedding, answer: BoxAnswer, negative: np.ndarray, positives: np.ndarray) -> BoxAnswer | None:
@@ -249,3 +267,27 @@ def holds(answer: BoxAnswer, click: np.ndarray) -> bool:
     """Whether the answer's mask covers a model-pixel click."""
     rows, cols = cells(click[None], answer.logits.shape[-1])
     return bool(answer.logits[rows[0], cols[0]] > 0)
+
+
+def local_answer(model, embedding, click: np.ndarray, inner) -> BoxAnswer:
+    """The answer to the smallest candidate box centred on a click: the structure right under it."""
+    half = HALF_SIDES_PX[0]
+    return decoded_answer(model, embedding, clip_box(np.concatenate([click - half, click + half]), inner))
+
+
+def with_local_part(model, embedding, answer: BoxAnswer, click: np.ndarray, inner) -> BoxAnswer:
+    """The answer's mask united with the local answer around a positive click it misses, where that one holds it
+    (the box stays the answer's: later corrections edit it)."""
+    local = local_answer(model, embedding, click, inner)
+    if not holds(local, click):
+        return answer
+    return BoxAnswer(torch.maximum(answer.logits, local.logits), answer.box, answer.iou)
+
+
+def without_local_part(model, embedding, answer: BoxAnswer, click: np.ndarray, positives, inner) -> BoxAnswer:
+    """The answer's mask less the local answer around a negative click inside it, where that one holds the click
+    and no positive click; else the answer as it was."""
+    local = local_answer(model, embedding, click, inner)
+    if not holds(local, click) or any(holds(local, p) for p in positives):
+        return answer
+    return BoxAnswer(torch.minimum(answer.logits, -local.logits), answer.box, answer.iou)
