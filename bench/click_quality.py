@@ -10,7 +10,8 @@ sizes were chosen on; mr_abdomen_totalseg (MR) did not take part in that choice.
 Corrections: from the served answer to each of those clicks, --corrections more clicks, each at the point deepest
 inside the largest error region of the current answer (positive where it misses the structure, negative where it
 spills over), as an annotator corrects; the served answer's Dice after each click (the same protocol as the
-interactive-segmentation literature's clicks-to-Dice curves).
+interactive-segmentation literature's clicks-to-Dice curves). The same from the truth's box (a drawn box corrected
+by clicks) under `box_corrections`.
 
 Then, in 3D: one click in the middle of each large organ on its largest slice, answered by the served prompt path
 with propagation (samora.serving.interactive.refine), once per --spread-confidence (the conf key
@@ -47,6 +48,7 @@ from samora.serving.settings import AppSettings
 CASES = ("ct_abdomen_totalseg", "mr_abdomen_totalseg")
 LARGE = ("spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "aorta", "pancreas")
 ANSWERS = ("sam_points", "served", "truth_box")
+CORRECTED = {"corrections": "served", "box_corrections": "truth_box"}  # record key: the answer corrected
 
 
 def structure_names(case: Path) -> dict[int, str]:
@@ -100,13 +102,13 @@ def dice(mask: np.ndarray, truth: np.ndarray) -> float:
     return 2 * float((mask & truth).sum()) / max(float(mask.sum() + truth.sum()), 1.0)
 
 
-def correction_curve(decoder, model, k: int, name: str, truth: np.ndarray, first: tuple, volume, clicks: int) -> dict:
-    """The served answer's Dice on slice k after the first click and after each of `clicks` correction clicks, and
-    the decoder's seconds per corrected answer."""
-    foreground, background, dices, seconds = [first], [], [], []
+def correction_curve(decoder, model, k: int, truth: np.ndarray, start: interactive.Prompt, volume, clicks: int) -> dict:
+    """The served answer's Dice on slice k to the `start` prompt (a click, or a box) and after each of `clicks`
+    correction clicks, and the decoder's seconds per corrected answer."""
+    foreground, background, dices, seconds = list(start.foreground), [], [], []
     for step in range(clicks + 1):
-        mask, spent = answer(decoder, model, k, interactive.Prompt(name, list(foreground), list(background)), volume,
-                             "served")  # fmt: skip
+        prompt = interactive.Prompt(start.label, list(foreground), list(background), roi=start.roi)
+        mask, spent = answer(decoder, model, k, prompt, volume, "served")
         dices.append(round(dice(mask, truth), 4))
         seconds += [spent] if step else []
         correction = correction_click(mask, truth)
@@ -147,8 +149,9 @@ def run_case(runtime: ModelRuntime, model, case: Path, only: list[str] | None = 
             for kind, prompt in prompts.items():
                 mask, seconds = answer(decoder, model, k, prompt, volume, kind)
                 row[kind] = {"dice": round(dice(mask, truth), 4), "decoder_s": round(seconds, 4)}
-            if corrections:
-                row["corrections"] = correction_curve(decoder, model, k, name, truth, (i, j, k), volume, corrections)
+            for key, kind in CORRECTED.items():  # the clicked answer's and the drawn box's corrections
+                if corrections:
+                    row[key] = correction_curve(decoder, model, k, truth, prompts[kind], volume, corrections)
             rows.append(row)
             print(f"{case.name} {name} slice {k}: " + ", ".join(f"{a} {row[a]['dice']:.3f}" for a in ANSWERS))
     return rows
@@ -188,12 +191,12 @@ def summarise(rows: list[dict]) -> dict:
             "mean_dice_large_organs": round(statistics.fmean(r[kind]["dice"] for r in large), 4) if large else None,
             "median_decoder_s": round(statistics.median(r[kind]["decoder_s"] for r in rows), 4),
         }
-    if rows and "corrections" in rows[0]:
-        out["corrections"] = {
-            "mean_dice_after_clicks": np.mean([r["corrections"]["dice"] for r in rows], axis=0).round(4).tolist(),
+    for key in [k for k in CORRECTED if rows and k in rows[0]]:
+        out[key] = {
+            "mean_dice_after_clicks": np.mean([r[key]["dice"] for r in rows], axis=0).round(4).tolist(),
             "mean_dice_after_clicks_large_organs":
-                np.mean([r["corrections"]["dice"] for r in large], axis=0).round(4).tolist() if large else None,
-            "median_decoder_s": round(statistics.median(t for r in rows for t in r["corrections"]["decoder_s"]), 4),
+                np.mean([r[key]["dice"] for r in large], axis=0).round(4).tolist() if large else None,
+            "median_decoder_s": round(statistics.median(t for r in rows for t in r[key]["decoder_s"]), 4),
         }  # fmt: skip
     return out
 
@@ -209,15 +212,17 @@ def render_3d(record: dict) -> str:
 def render_corrections(record: dict) -> str:
     rows = []
     for name, case in record["cases"].items():
-        c = case["summary"].get("corrections")
-        if c:
-            rows.append([name, "all", *c["mean_dice_after_clicks"], c["median_decoder_s"]])
-            if c["mean_dice_after_clicks_large_organs"]:
-                rows.append([name, "8 large organs", *c["mean_dice_after_clicks_large_organs"], ""])
+        for key, kind in CORRECTED.items():
+            c = case["summary"].get(key)
+            if c:
+                rows.append([name, kind, "all", *c["mean_dice_after_clicks"], c["median_decoder_s"]])
+                if c["mean_dice_after_clicks_large_organs"]:
+                    rows.append([name, kind, "8 large organs", *c["mean_dice_after_clicks_large_organs"], ""])
     if not rows:
         return ""
-    clicks = len(rows[0]) - 3
-    headers = ["scan", "structures", *[f"{n + 1} click{'s' * (n > 0)}" for n in range(clicks)], "decoder s (median)"]
+    clicks = len(rows[0]) - 4
+    steps = ["start", *[f"+{n} click{'s' * (n > 1)}" for n in range(1, clicks)]]
+    headers = ["scan", "start", "structures", *steps, "decoder s per correction (median)"]
     return md_table(headers, rows)
 
 

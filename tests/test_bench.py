@@ -54,7 +54,7 @@ def test_click_quality_scores_each_answer_to_a_click_and_records_it(tmp_path: Pa
     """bench/click_quality.py on one structure: three clicks, each answered three ways and scored; the served
     answer beats SAM's own answer to the click on the gallbladder of real CT, and two correction clicks raise it
     (when every click re-framed the boxes from scratch, they lowered it: 0.933 -> 0.554; adding the local answer at
-    every failed edit left it at 0.933). In 3D, the click spreads
+    every failed edit left it at 0.933); so do two corrections of the truth's box. In 3D, the click spreads
     at the default click_spread_confidence (0.7; the model's confidence there is ~0.74) and not at 0.8."""
     out = tmp_path / "click_quality.json"
     args = ["--cases", "ct_abdomen_totalseg", "--structures", "gallbladder", "--spread-confidence", "0.8", "0.7"]
@@ -71,6 +71,9 @@ def test_click_quality_scores_each_answer_to_a_click_and_records_it(tmp_path: Pa
     after = summary["corrections"]["mean_dice_after_clicks"]
     assert after[0] == pytest.approx(summary["served"]["mean_dice"], abs=1e-3)  # the first click is the served one
     assert after[2] >= after[0] + 0.01
+    from_box = summary["box_corrections"]["mean_dice_after_clicks"]
+    assert from_box[0] == pytest.approx(summary["truth_box"]["mean_dice"], abs=1e-3)  # the drawn box's own answer
+    assert from_box[2] >= from_box[0] + 0.01  # (the box alone or with the clicks as points: 0.909 -> 0.909)
     assert record["machine"]["cpu"] and "python bench/click_quality.py" in record["command"]
     (organ,) = case["rows_3d"]
     assert organ["0.7"]["slices"] > organ["0.8"]["slices"] == 1

@@ -181,26 +181,48 @@ BOX_ROI = (100, 155, 100, 155, 0, 0)  # rows, columns, slice: the disc's boundin
 
 @pytest.mark.parametrize("clicks", [{"foreground": [(128, 128)]}, {"background": [(101, 101)]}])
 def test_clicks_the_box_answer_agrees_with_leave_it_alone(clicks):
-    """Given to LiteMedSAM, clicks lower its box answers; where the box's own mask already agrees with them (a
-    positive click inside, a negative one outside) the box answers alone."""
+    """Given to LiteMedSAM, clicks lower its box answers: they are never handed to it, and where the box's own mask
+    already agrees with them (a positive click inside, a negative one outside) the box's answer stands."""
     model = _DiscModel(_peaked_at(48))
     logits, _ = _answer(model, roi=BOX_ROI, **{"foreground": [], **clicks})
     assert model.point_calls == 0
     assert abs((logits > 0).sum() - np.pi * 28**2) < 0.05 * np.pi * 28**2
 
 
-def test_a_correction_click_the_box_answer_misses_brings_in_the_clicks():
+def test_a_positive_click_inside_the_drawn_box_adds_its_local_part():
+    """The box's corner lies outside its disc: the small disc around the click is added, the box is not grown."""
     model = _DiscModel(_peaked_at(48))
-    logits, _ = _answer(model, foreground=[(102, 102)], roi=BOX_ROI)  # the box's corner, outside its disc
-    assert model.point_calls == 1
-    assert logits[102, 102] > 0
+    logits, _ = _answer(model, foreground=[(104, 104)], roi=BOX_ROI)
+    assert model.point_calls == 0
+    assert logits[104, 104] > 0 and logits[128, 128] > 0
+    added = (logits > 0).sum() - np.pi * 28**2
+    assert 0 < added < np.pi * click_boxes.HALF_SIDES_PX[0] ** 2
+    assert not (logits[:, 157 + 2 :] > 0).any()  # nothing right of the drawn box: it did not grow
 
 
-def test_clicks_are_dropped_again_where_they_agree_no_better():
+def test_a_positive_click_outside_the_drawn_box_grows_it():
     model = _DiscModel(_peaked_at(48))
-    logits, _ = _answer(model, foreground=[], background=[(128, 128)], roi=BOX_ROI)  # the box-and-clicks answer
-    assert model.point_calls == 1  # (the whole box) holds the negative click as well
-    assert abs((logits > 0).sum() - np.pi * 28**2) < 0.05 * np.pi * 28**2
+    logits, _ = _answer(model, foreground=[(128, 170)], roi=BOX_ROI)
+    assert model.point_calls == 0
+    assert logits[128, 170] > 0 and logits[128, 110] > 0
+
+
+def test_a_negative_click_inside_the_drawn_box_answer_takes_its_local_part_out():
+    """The drawn box is the annotator's extent and is never cut: the small disc around the click is taken out."""
+    model = _DiscModel(_peaked_at(48))
+    logits, _ = _answer(model, [], background=[(128, 128)], roi=BOX_ROI)
+    assert model.point_calls == 0
+    assert logits[128, 128] < 0 and logits[110, 110] > 0
+    removed = np.pi * click_boxes.HALF_SIDES_PX[0] ** 2
+    assert abs((logits > 0).sum() - (np.pi * 28**2 - removed)) < 0.05 * np.pi * 28**2
+
+
+def test_a_negative_click_whose_local_part_is_most_of_a_small_answer_leaves_it():
+    """On a structure smaller than the local box, the local answer is the structure itself: it stays."""
+    model = _DiscModel(_peaked_at(48))
+    small_box = (122, 133, 122, 133, 0, 0)  # a 12-pixel box: its disc lies inside the 20-pixel local box's disc
+    logits, _ = _answer(model, [], background=[(127, 127)], roi=small_box)
+    assert logits[127, 127] > 0 and abs((logits > 0).sum() - np.pi * 6**2) < 0.2 * np.pi * 6**2
 
 
 def test_candidate_boxes_surround_the_clicks_inside_the_slice():
