@@ -88,6 +88,11 @@ def candidate_boxes(positives: np.ndarray, inner: tuple[int, int]) -> np.ndarray
     return np.stack([clip_box(b, inner) for b in boxes]).astype(np.float32)
 
 
+def in_box(points: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """(N,) whether each model-pixel point (N, 2), x, y, lies in the box x0, y0, x1, y1 (edges included)."""
+    return (points >= box[:2]).all(axis=1) & (points <= box[2:]).all(axis=1)
+
+
 def clip_box(box: np.ndarray, inner: tuple[int, int]) -> np.ndarray:
     h, w = inner
     return np.clip(box, 0, [w, h, w, h]).astype(np.float32)
@@ -127,7 +132,7 @@ def corrected_box_answer(model, embedding, coords, labels, box: np.ndarray, inne
     for m, click in enumerate(positives):
         if holds(answer, click):
             continue
-        if (click >= box[:2]).all() and (click <= box[2:]).all():
+        if in_box(click[None], box).all():
             answer = with_local_part(model, embedding, answer, click, inner)
         else:
             answer = grown_answer(model, embedding, answer, click, inner, near_any(click, positives[:m]))
@@ -243,8 +248,7 @@ def cut_answer(model, embedding, answer: BoxAnswer, negative: np.ndarray, positi
     for side in range(4):
         cut = answer.box.copy()
         cut[side] = negative[side % 2] + (CUT_PAST_PX if side < 2 else -CUT_PAST_PX)
-        inside = (positives >= cut[:2]).all(axis=1) & (positives <= cut[2:]).all(axis=1)
-        if (cut[2:] - cut[:2] > CUT_PX).all() and inside.all():
+        if (cut[2:] - cut[:2] > CUT_PX).all() and in_box(positives, cut).all():
             cuts.append(cut)
     if not cuts:
         return None
