@@ -40,9 +40,5 @@ def test_demo_reaches_dice_target_in_time(demo_run):
     assert result["machine"]["cpu_cores_usable"] and result["machine"]["torch"] and result["date"]
     print(json.dumps({k: result[k] for k in ("mean_dice", "total_s", "phases_s")}, indent=2))
     assert result["total_s"] < 900, f"demo took {result['total_s']}s"
-    if result["mean_dice"] <= 0.7:
-        # Known shortfall (issue "MONAI Label app", item 6): reported with its number, not hidden; the script
-        # itself signals the miss with a non-zero exit.
-        assert run["returncode"] != 0
-        pytest.xfail(f"demo mean Dice {result['mean_dice']:.3f} <= 0.7 target (per study {per_study})")
-    assert run["returncode"] == 0
+    assert result["mean_dice"] > 0.7, f"demo mean Dice {result['mean_dice']:.3f} <= 0.7 (per study {per_study})"
+    assert run["returncode"] == 0, log

@@ -446,9 +446,7 @@ def test_box_prompt_segments_organs_of_an_unlabeled_phantom(demo_run: Path):
     liver = results["liver_roi_3d"]
     assert liver["model_version"] >= 1
     assert liver["slices_covered"] <= liver["organ_slices"]  # propagation stays inside the ROI's z-range
-    if liver["dice_whole_organ"] <= 0.7:
-        # Known shortfall while the demo model misses its own target: reported with the numbers, not hidden.
-        pytest.xfail(f"box-prompt liver Dice {liver['dice_whole_organ']} <= 0.7: {json.dumps(results)}")
+    assert liver["dice_whole_organ"] > 0.7, results
     assert results["kidney_left_roi_3d"]["dice_whole_organ"] > 0.3, results  # reported; only gross failure asserted
 
 
