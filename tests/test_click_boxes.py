@@ -225,6 +225,30 @@ def test_a_negative_click_whose_local_part_is_most_of_a_small_answer_leaves_it()
     assert logits[127, 127] > 0 and abs((logits > 0).sum() - np.pi * 6**2) < 0.2 * np.pi * 6**2
 
 
+def test_a_correction_of_a_drawn_box_decodes_only_its_own_edit_when_the_earlier_answers_are_kept():
+    """The drawn box's answer and its answer after each click are kept apart from a click-only prompt's (same clicks,
+    no box): each further click decodes its own local box only, and the result is the one computed from scratch."""
+    model, kept = _DiscModel(_peaked_at(48)), {}
+
+    def memo(key, compute):
+        return kept[key] if key in kept else kept.setdefault(key, compute())
+
+    clicks = {"foreground": [(104, 104), (151, 151)], "background": [(128, 128)]}  # two corners, then the centre
+    for n_pos, n_neg in ((1, 0), (2, 0), (2, 1)):
+        before = model.boxes_decoded
+        given = {"foreground": clicks["foreground"][:n_pos], "background": clicks["background"][:n_neg]}
+        logits, _ = _answer(model, roi=BOX_ROI, memo=memo, **given)
+        # the first click: the drawn box and the click's local box; each further click: its local box only
+        assert model.boxes_decoded - before == (2 if n_pos + n_neg == 1 else 1)
+        unkept, _ = _answer(_DiscModel(_peaked_at(48)), roi=BOX_ROI, **given)
+        np.testing.assert_array_equal(logits, unkept)
+    assert logits[104, 104] > 0 and logits[151, 151] > 0 and logits[128, 128] < 0
+    assert len(kept) == 4
+    before = model.boxes_decoded
+    _answer(model, clicks["foreground"][:1], memo=memo)  # the same click without the box: its own answer
+    assert model.boxes_decoded - before >= len(click_boxes.HALF_SIDES_PX)
+
+
 def test_candidate_boxes_surround_the_clicks_inside_the_slice():
     boxes = click_boxes.candidate_boxes(np.array([[10.0, 200.0], [30.0, 210.0]]), (256, 240))
     assert len(boxes) == len(click_boxes.HALF_SIDES_PX)

@@ -57,12 +57,13 @@ def click_answer(model, embedding: torch.Tensor, coords, labels, box, inner, mem
     where the prompt path's own answer to the clicks should stand (no positive click and no box, or no box holds
     the clicks). `memo(key, compute)`, where given, keeps the answer after each click between requests, so that a
     correction click costs only its own edit."""
+    remember = memo or _compute
     if box is not None:
-        return corrected_box_answer(model, embedding, coords, labels, np.asarray(box, np.float32), inner)
+        box = np.asarray(box, np.float32)
+        return corrected_box_answer(model, embedding, coords, labels, box, inner, remember)
     positives, negatives = coords[labels == 1], coords[labels == 0]
     if not len(positives):
         return None
-    remember = memo or _compute
     first = remember(
         clicks_key(positives[:1], negatives[:0]),
         functools.partial(box_answer, model, embedding, positives[:1], np.ones(1, np.float32), inner),
@@ -76,9 +77,21 @@ def _compute(key: bytes, compute):
     return compute()
 
 
-def clicks_key(positives: np.ndarray, negatives: np.ndarray) -> bytes:
-    """The bytes that name the clicks an answer has taken in."""
-    return np.asarray(positives, np.float32).tobytes() + b"|" + np.asarray(negatives, np.float32).tobytes()
+def clicks_key(positives: np.ndarray, negatives: np.ndarray, box: np.ndarray | None = None) -> bytes:
+    """The bytes that name the clicks an answer has taken in, and the drawn box it started from (if any)."""
+    start = b"c" if box is None else b"b" + np.asarray(box, np.float32).tobytes()
+    return start + np.asarray(positives, np.float32).tobytes() + b"|" + np.asarray(negatives, np.float32).tobytes()
+
+
+def in_turn(answer: BoxAnswer, positives, negatives, add, take_out, remember=_compute, box=None, first=0) -> BoxAnswer:
+    """`answer` corrected by the clicks in turn, positive ones from the `first` on (add(answer, m)), then negative
+    ones (take_out(answer, n)); each step's answer comes from `remember` under the clicks taken in so far (and the
+    drawn box), so that a request repeating earlier clicks computes only its new ones."""
+    for m in range(first, len(positives)):
+        answer = remember(clicks_key(positives[: m + 1], negatives[:0], box), functools.partial(add, answer, m))
+    for n in range(len(negatives)):
+        answer = remember(clicks_key(positives, negatives[: n + 1], box), functools.partial(take_out, answer, n))
+    return answer
 
 
 def candidate_boxes(positives: np.ndarray, inner: tuple[int, int]) -> np.ndarray:
@@ -121,26 +134,31 @@ def cells(points: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return xy[:, 1], xy[:, 0]
 
 
-def corrected_box_answer(model, embedding, coords, labels, box: np.ndarray, inner) -> BoxAnswer:
+def corrected_box_answer(model, embedding, coords, labels, box: np.ndarray, inner, remember=_compute) -> BoxAnswer:
     """The drawn box's answer corrected by its clicks in turn, positive ones first. The drawn box is the annotator's
     extent, so it is never cut: a positive click the mask misses adds its local part where it lies inside the box
     (growing a tight box past it took in neighbours) and grows the box where it lies outside; a negative click inside
     the mask takes its local part out, unless that would remove half of the mask (on a small structure the local
     answer is the structure itself)."""
-    answer = decoded_answer(model, embedding, box)
     positives, negatives = coords[labels == 1], coords[labels == 0]
-    for m, click in enumerate(positives):
+
+    def add(answer: BoxAnswer, m: int) -> BoxAnswer:
+        click = positives[m]
         if holds(answer, click):
-            continue
+            return answer
         if in_box(click[None], box).all():
-            answer = with_local_part(model, embedding, answer, click, inner)
-        else:
-            answer = grown_answer(model, embedding, answer, click, inner, near_any(click, positives[:m]))
-    for click in negatives:
-        if holds(answer, click):
-            less = without_local_part(model, embedding, answer, click, positives, inner)
-            answer = less if (less.logits > 0).sum() >= MIN_KEPT_BY_A_CUT * (answer.logits > 0).sum() else answer
-    return answer
+            return with_local_part(model, embedding, answer, click, inner)
+        return grown_answer(model, embedding, answer, click, inner, near_any(click, positives[:m]))
+
+    def take_out(answer: BoxAnswer, n: int) -> BoxAnswer:
+        if not holds(answer, negatives[n]):
+            return answer
+        less = without_local_part(model, embedding, answer, negatives[n], positives, inner)
+        return less if (less.logits > 0).sum() >= MIN_KEPT_BY_A_CUT * (answer.logits > 0).sum() else answer
+
+    start = positives[:0], negatives[:0]
+    answer = remember(clicks_key(*start, box), functools.partial(decoded_answer, model, embedding, box))
+    return in_turn(answer, positives, negatives, add, take_out, remember, box)
 
 
 def decode_boxes(model, embedding: torch.Tensor, boxes: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -198,15 +216,16 @@ def corrected_click_answer(
 ) -> BoxAnswer:
     """The first click's answer corrected by the other clicks in turn, positive ones first (grown_answer), then
     negative ones (answer_without); each step's answer comes from `remember` under the clicks taken in so far."""
-    for m in range(1, len(positives)):
+
+    def add(answer: BoxAnswer, m: int) -> BoxAnswer:
         insisted = near_any(positives[m], positives[:m])
-        step = functools.partial(grown_answer, model, embedding, answer, positives[m], inner, insisted)
-        answer = remember(clicks_key(positives[: m + 1], negatives[:0]), step)
-    for n in range(len(negatives)):
+        return grown_answer(model, embedding, answer, positives[m], inner, insisted)
+
+    def take_out(answer: BoxAnswer, n: int) -> BoxAnswer:
         insisted = near_any(negatives[n], negatives[:n])
-        step = functools.partial(answer_without, model, embedding, answer, negatives[n], positives, inner, insisted)
-        answer = remember(clicks_key(positives, negatives[: n + 1]), step)
-    return answer
+        return answer_without(model, embedding, answer, negatives[n], positives, inner, insisted)
+
+    return in_turn(answer, positives, negatives, add, take_out, remember, first=1)
 
 
 def near_any(click: np.ndarray, earlier: np.ndarray) -> bool:
