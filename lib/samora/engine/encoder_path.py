@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime as dt
 import logging
+import os
 import time
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
@@ -18,7 +20,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from samora.engine import onnx_encoder
+from samora.engine import onnx_encoder, probe_record
 from samora.engine.precision import cpu_supports_bf16
 from samora.model import SamoraModel
 
@@ -194,6 +196,9 @@ class ProbeResult:
     forced: bool
     device: str
     rows: list[dict] = field(default_factory=list)
+    # when the rows were measured (UTC, ISO), and whether this start reused an earlier start's probe (probe_record)
+    measured: str | None = None
+    reused: bool = False
     # the chosen path's encoder as the probe built it, handed to the first user (an ONNX export costs ~12 s)
     built: PathEncoder | None = field(default=None, repr=False, compare=False)
 
@@ -262,7 +267,10 @@ def probe(
     # a lossy path must win clearly: near-equal timings would otherwise flip the choice (and the masks' last
     # pixels) from one restart to the next
     chosen = fastest if _seconds(rows, fastest) < LOSSY_MARGIN * _seconds(rows, exact) else exact
-    return ProbeResult(chosen=chosen, forced=False, device=str(device), rows=rows, built=built[chosen])
+    measured = dt.datetime.now(dt.timezone.utc).isoformat()
+    return ProbeResult(
+        chosen=chosen, forced=False, device=str(device), rows=rows, measured=measured, built=built[chosen]
+    )
 
 
 def _leaders(rows: list[dict]) -> tuple[str, str]:
@@ -277,17 +285,51 @@ def _seconds(rows: list[dict], name: str) -> float:
     return next(r["s_per_slice"] for r in rows if r["path"] == name)
 
 
-def select(model: SamoraModel, device: str | torch.device, setting: str = "auto") -> ProbeResult:
-    """The path conf `encoder_path` asks for: probed when "auto", else taken as given (no probe)."""
+def select(
+    model: SamoraModel, device: str | torch.device, setting: str = "auto", record_dir: str | os.PathLike | None = None
+) -> ProbeResult:
+    """The path conf `encoder_path` asks for: probed when "auto" (or the choice of an earlier probe on this machine
+    kept in `record_dir`, where given), else taken as given (no probe)."""
     if setting not in CHOICES:
         raise ValueError(f"encoder path {setting!r} is not one of {CHOICES}")
     if setting != "auto":
         return ProbeResult(chosen=setting, forced=True, device=str(device))
-    result = probe(model, device)
+    names = candidates(device)
+    key = probe_record.probe_key(model.config, device, names)
+    result = _reused(model, device, record_dir, key) if record_dir is not None else None
+    if result is None:
+        result = probe(model, device, names)
+        if record_dir is not None:
+            probe_record.save(record_dir, key, result.chosen, result.rows, result.measured)
     table = ", ".join(
         f"{r['path']} {r['s_per_slice']:.3f} s/slice err {r['relative_error']:.4f}{'' if r['ok'] else ' (rejected)'}"
         for r in result.rows
         if r["s_per_slice"] is not None
     )
-    log.info("encoder path probe on %s: %s -> %s", device, table, result.chosen)
+    how = f"kept from the probe of {result.measured}" if result.reused else "probe"
+    log.info("encoder path %s on %s: %s -> %s", how, device, table, result.chosen)
     return result
+
+
+def _reused(model: SamoraModel, device, record_dir, key: dict) -> ProbeResult | None:
+    """The choice an earlier probe under `key` kept in `record_dir`, with its encoder built; None where there is none
+    or its path no longer builds here (then the caller probes again)."""
+    record = probe_record.load(record_dir, key)
+    if record is None or record["chosen"] not in PATHS:
+        return None
+    try:
+        built = PathEncoder(model, PATHS[record["chosen"]], device)
+    except (RuntimeError, ValueError) as e:
+        log.warning(
+            "encoder path %s, kept from an earlier probe, does not build (%s): probing again", record["chosen"], e
+        )
+        return None
+    return ProbeResult(
+        chosen=record["chosen"],
+        forced=False,
+        device=str(device),
+        rows=record["rows"],
+        measured=record["measured"],
+        reused=True,
+        built=built,
+    )

@@ -82,7 +82,9 @@ class ModelRuntime:
         with self._lock:
             _, model = self.model()
             if self.encoder_choice is None:
-                self.encoder_choice = select_encoder_path(model, self.settings.device, self.settings.encoder_path)
+                self.encoder_choice = select_encoder_path(
+                    model, self.settings.device, self.settings.encoder_path, record_dir=self.store.root
+                )
                 log.info("encoder path: %s", self.encoder_choice.chosen)
             if self._encoder is None or self._encoder.model is not model:
                 built = self.encoder_choice.take_encoder(model)  # the probe's: not exported or folded twice
