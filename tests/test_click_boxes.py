@@ -83,6 +83,29 @@ def test_a_positive_click_the_answer_misses_grows_its_box_to_hold_it():
     assert model.point_calls == 0
 
 
+class _NeighbourModel(_DiscModel):
+    """A disc model whose boxes longer than 60 pixels find another structure: their disc is moved 100 pixels."""
+
+    def prompt(self, embedding, boxes=None, points=None) -> dict[str, torch.Tensor]:
+        out = super().prompt(embedding, boxes=boxes, points=points)
+        if points is None:
+            wide = ((boxes[:, 2:] - boxes[:, :2]).amax(dim=1) > 60)[:, None, None, None]
+            out["low_res_logits"] = torch.where(wide, out["low_res_logits"].roll(-100, dims=-2), out["low_res_logits"])
+        return out
+
+
+def test_a_grown_box_that_finds_another_structure_is_not_taken_the_clicks_local_part_is_added():
+    """The second click's grown box (66 pixels long) answers a disc elsewhere, which keeps none of the first answer:
+    the first answer stays, with the small disc around the click added."""
+    first, _ = _answer(_NeighbourModel(_peaked_at(48)), [(128, 128)])
+    assert abs((first > 0).sum() - np.pi * 24**2) < 0.05 * np.pi * 24**2  # the 48 box, not the moved 108 one
+    logits, _ = _answer(_NeighbourModel(_peaked_at(48)), [(128, 128), (128, 160)])
+    assert logits[128, 128] > 0 and logits[128, 160] > 0 and not (logits[:60] > 0).any()
+    assert (first > 0).sum() < (logits > 0).sum() < (first > 0).sum() + np.pi * click_boxes.HALF_SIDES_PX[0] ** 2
+    grown, _ = _answer(_DiscModel(_peaked_at(48)), [(128, 128), (128, 160)])  # where the grown box is right
+    assert (grown > 0).sum() > (logits > 0).sum() + 200
+
+
 def test_corrections_edit_the_first_clicks_answer_instead_of_framing_the_clicks_anew():
     """Framed anew, a far second click would give a box around both clicks; edited, the first answer's box grows by
     GROW_PX past the click and no more."""

@@ -35,7 +35,9 @@ CUT_PX = 2.0  # a mask this close to its box's edge was cut by it
 REFITS = 2
 GROW_PX = 10.0  # a positive correction click is held by the box with this margin (the smallest candidate's)
 CUT_PAST_PX = 1.0  # a negative correction click is left this far outside the cut box
-MIN_KEPT_BY_A_CUT = 0.5  # a negative click on a drawn box's answer keeps at least this share of its mask
+# a correction keeps at least this share of the mask it corrects: a drawn box's answer less a negative click's local
+# part, and a grown box's answer (below it, the grown box found another structure)
+MIN_KEPT = 0.5
 
 
 @dataclass
@@ -154,7 +156,7 @@ def corrected_box_answer(model, embedding, coords, labels, box: np.ndarray, inne
         if not holds(answer, negatives[n]):
             return answer
         less = without_local_part(model, embedding, answer, negatives[n], positives, inner)
-        return less if (less.logits > 0).sum() >= MIN_KEPT_BY_A_CUT * (answer.logits > 0).sum() else answer
+        return less if kept_share(answer, less) >= MIN_KEPT else answer
 
     start = positives[:0], negatives[:0]
     answer = remember(clicks_key(*start, box), functools.partial(decoded_answer, model, embedding, box))
@@ -236,13 +238,17 @@ def near_any(click: np.ndarray, earlier: np.ndarray) -> bool:
 
 def grown_answer(model, embedding, answer: BoxAnswer, click: np.ndarray, inner, insisted: bool) -> BoxAnswer:
     """The answer to its box grown to hold a positive click with GROW_PX, where the mask misses the click. Where the
-    grown box's answer still leaves the click out it stands (keeping the old answer scored lower), unless the
-    annotator insisted on the place: then the click's local part is added (with_local_part; adding it at the first
-    try spoilt answers whose missed rim SAM sees as a neighbour, docs/benchmarks.md section 4.13)."""
+    grown box's answer loses most of the old mask, it is another structure: the click's local part is added to the
+    old answer instead (a colon loop of the MR became the bowel around it). Where the grown box's answer still
+    leaves the click out it stands (keeping the old answer scored lower), unless the annotator insisted on the
+    place: then the click's local part is added (with_local_part; adding it at the first try spoilt answers whose
+    missed rim SAM sees as a neighbour, docs/benchmarks.md section 4.13)."""
     if holds(answer, click):
         return answer
     lo, hi = np.minimum(answer.box[:2], click - GROW_PX), np.maximum(answer.box[2:], click + GROW_PX)
     grown = decoded_answer(model, embedding, clip_box(np.concatenate([lo, hi]), inner))
+    if kept_share(answer, grown) < MIN_KEPT:
+        return with_local_part(model, embedding, answer, click, inner)
     if holds(grown, click) or not insisted:
         return grown
     return with_local_part(model, embedding, grown, click, inner)
@@ -283,6 +289,12 @@ def cut_answer(model, embedding, answer: BoxAnswer, negative: np.ndarray, positi
 def decoded_answer(model, embedding, box: np.ndarray) -> BoxAnswer:
     logits, ious = decode_boxes(model, embedding, box[None])
     return BoxAnswer(logits[0], box, float(ious[0]))
+
+
+def kept_share(before: BoxAnswer, after: BoxAnswer) -> float:
+    """The share of `before`'s mask that `after`'s mask keeps (1 for an empty one)."""
+    old = before.logits > 0
+    return float((old & (after.logits > 0)).sum()) / max(int(old.sum()), 1)
 
 
 def holds(answer: BoxAnswer, click: np.ndarray) -> bool:
