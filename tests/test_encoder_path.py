@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 import weakref
 
 import pytest
@@ -205,7 +209,9 @@ def _failing_export(*args, **kwargs):
 
 
 def _counting_probe(monkeypatch) -> list:
-    """Count the probes select runs (each one still runs for real)."""
+    """Count the probes select runs (each one still runs for real), on a machine taken as quiet (the suite's other
+    processes must not decide whether a record is kept; that rule has its own test)."""
+    monkeypatch.setattr(probe_record, "others_busy_share", lambda before, after: 0.0)
     calls, real_probe = [], encoder_path.probe
     monkeypatch.setattr(encoder_path, "probe", lambda *a, **k: calls.append(a) or real_probe(*a, **k))
     return calls
@@ -249,10 +255,36 @@ def test_an_unreadable_or_foreign_probe_record_is_probed_again_and_replaced(mode
     assert json.loads(record.read_text())["chosen"] == result.chosen
 
 
+def test_a_probe_timed_while_other_processes_were_busy_serves_its_start_but_is_not_kept(model, monkeypatch, tmp_path):
+    calls = _counting_probe(monkeypatch)
+    monkeypatch.setattr(probe_record, "others_busy_share", lambda before, after: 0.45)  # a training task, say
+    assert not select(model, "cpu", "auto", record_dir=tmp_path).reused
+    assert not (tmp_path / probe_record.FOLDER).exists()
+    monkeypatch.setattr(probe_record, "others_busy_share", lambda before, after: 0.05)
+    assert not select(model, "cpu", "auto", record_dir=tmp_path).reused and len(calls) == 2  # probed again, kept
+    assert select(model, "cpu", "auto", record_dir=tmp_path).reused and len(calls) == 2
+
+
+@pytest.mark.skipif(probe_record.cpu_snapshot() is None, reason="the machine's CPU time is read from /proc/stat")
+def test_the_busy_share_counts_other_processes_and_not_this_one():
+    def share_while(work) -> float:
+        before = probe_record.cpu_snapshot()
+        work()
+        return probe_record.others_busy_share(before, probe_record.cpu_snapshot())
+
+    def spin() -> None:
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            pass
+
+    busy_child = [sys.executable, "-c", "import time\nend = time.monotonic() + 1.0\nwhile time.monotonic() < end: pass"]
+    others = share_while(lambda: subprocess.run(busy_child, check=True))
+    own = share_while(spin)
+    assert others > 0.8 / (os.cpu_count() or 1) - 0.1 and others > own + 0.2, (others, own)
+
+
 def test_the_probe_times_a_path_by_its_fastest_encode():
     """One encode slowed by another process must not decide the server's path: the fastest timed encode counts."""
-    import time
-
     delays = iter([0.0, 0.3, 0.02])  # warm-up, then one slowed encode and a normal one
 
     def encoder(images):

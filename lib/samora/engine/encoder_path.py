@@ -298,9 +298,10 @@ def select(
     key = probe_record.probe_key(model.config, device, names)
     result = _reused(model, device, record_dir, key) if record_dir is not None else None
     if result is None:
+        before = probe_record.cpu_snapshot()
         result = probe(model, device, names)
         if record_dir is not None:
-            probe_record.save(record_dir, key, result.chosen, result.rows, result.measured)
+            _keep_if_quiet(result, record_dir, key, probe_record.others_busy_share(before, probe_record.cpu_snapshot()))
     table = ", ".join(
         f"{r['path']} {r['s_per_slice']:.3f} s/slice err {r['relative_error']:.4f}{'' if r['ok'] else ' (rejected)'}"
         for r in result.rows
@@ -309,6 +310,19 @@ def select(
     how = f"kept from the probe of {result.measured}" if result.reused else "probe"
     log.info("encoder path %s on %s: %s -> %s", how, device, table, result.chosen)
     return result
+
+
+def _keep_if_quiet(result: ProbeResult, record_dir, key: dict, others_share: float) -> None:
+    """Keep the probe's choice for later starts, unless other processes were busy while it timed the paths."""
+    if others_share > probe_record.BUSY_SHARE:
+        log.warning(
+            "other processes kept %.0f%% of the CPU busy during the encoder path probe: its choice (%s) serves this "
+            "start but is not kept; the next start probes again",
+            100 * others_share,
+            result.chosen,
+        )
+        return
+    probe_record.save(record_dir, key, result.chosen, result.rows, result.measured)
 
 
 def _reused(model: SamoraModel, device, record_dir, key: dict) -> ProbeResult | None:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 
 FOLDER = "encoder_probe"
 RUNTIME_PACKAGES = ("onnxruntime", "openvino")
+# a probe during which other processes kept more than this share of the machine's CPU busy (a training task, say)
+# timed the paths under contention: its choice serves this start but is not kept for the next ones
+BUSY_SHARE = 0.2
 
 
 def cpu_name() -> str:
@@ -103,3 +107,23 @@ def save(folder: str | os.PathLike, key: dict, chosen: str, rows: list[dict], me
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, record)
     return record
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall clock, seconds of busy CPU on the whole machine, seconds of CPU this process used); None where the
+    kernel does not report the machine's CPU time (/proc/stat: Linux)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal; guest time is counted in user
+    return time.monotonic(), busy, time.process_time()
+
+
+def others_busy_share(before, after) -> float:
+    """The share of the machine's CPU that other processes kept busy between two cpu_snapshot()s (0 where unknown)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return 0.0
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, others / ((after[0] - before[0]) * (os.cpu_count() or 1)))
