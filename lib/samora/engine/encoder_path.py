@@ -105,7 +105,10 @@ def fold_batch_norms(module: nn.Module) -> int:
 class PathEncoder:
     """Runs `model`'s encoder the way `path` says; callable like SamoraModel.encode, returns float32."""
 
-    def __init__(self, model: SamoraModel, path: EncoderPath, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, model: SamoraModel, path: EncoderPath, device: str | torch.device = "cpu", graph_dir=None
+    ) -> None:
+        """`graph_dir`: where an exported path keeps its graph for later builds of the same encoder (graph_cache)."""
         self.path, self.device, self.model = path, torch.device(device), model
         if path.engine != "torch":
             self._check_exported_runs_here()  # before copying the encoder for nothing
@@ -117,7 +120,7 @@ class PathEncoder:
             if path.channels_last:
                 encoder = encoder.to(memory_format=torch.channels_last)
         self.encoder = encoder
-        self.onnx = self._exported(model, path) if path.engine != "torch" else None
+        self.onnx = self._exported(model, path, graph_dir) if path.engine != "torch" else None
 
     def _check_exported_runs_here(self) -> None:
         if self.device.type != "cpu":
@@ -125,10 +128,11 @@ class PathEncoder:
         if not onnx_encoder.available(self.path.engine):
             raise RuntimeError(f"encoder path {self.path.name!r} needs the onnx and {self.path.engine} packages")
 
-    def _exported(self, model: SamoraModel, path: EncoderPath) -> onnx_encoder.ExportedEncoder:
+    def _exported(self, model: SamoraModel, path: EncoderPath, graph_dir) -> onnx_encoder.ExportedEncoder:
         precision = "bf16" if path.dtype == torch.bfloat16 else "f32"
+        size = model.config.image_size
         return onnx_encoder.ExportedEncoder(
-            type(model.backbone), self.encoder, model.config.image_size, runtime=path.engine, precision=precision
+            type(model.backbone), self.encoder, size, runtime=path.engine, precision=precision, graph_dir=graph_dir
         )
 
     def _autocast(self):
@@ -234,7 +238,12 @@ def _time(encoder: PathEncoder, images: torch.Tensor, repeats: int) -> tuple[flo
 
 
 def probe(
-    model: SamoraModel, device: str | torch.device, names: list[str] | None = None, repeats: int = 2, batch: int = 1
+    model: SamoraModel,
+    device: str | torch.device,
+    names: list[str] | None = None,
+    repeats: int = 2,
+    batch: int = 1,
+    graph_dir=None,
 ) -> ProbeResult:
     """Time each candidate path, check its embedding against fp32, choose the fastest within TOLERANCE."""
     names = names or candidates(device)
@@ -247,7 +256,7 @@ def probe(
             continue
         try:
             start = time.perf_counter()
-            encoder = built[name] = PathEncoder(model, PATHS[name], device)
+            encoder = built[name] = PathEncoder(model, PATHS[name], device, graph_dir)
             prepare_seconds = time.perf_counter() - start  # the BN fold, or the ONNX export
             seconds, out = _time(encoder, images, repeats)
             error = float((out - reference).norm() / reference.norm().clamp_min(1e-12))
@@ -299,7 +308,7 @@ def select(
     result = _reused(model, device, record_dir, key) if record_dir is not None else None
     if result is None:
         before = probe_record.cpu_snapshot()
-        result = probe(model, device, names)
+        result = probe(model, device, names, graph_dir=record_dir)
         if record_dir is not None:
             _keep_if_quiet(result, record_dir, key, probe_record.others_busy_share(before, probe_record.cpu_snapshot()))
     table = ", ".join(
@@ -332,7 +341,7 @@ def _reused(model: SamoraModel, device, record_dir, key: dict) -> ProbeResult | 
     if record is None or record["chosen"] not in PATHS:
         return None
     try:
-        built = PathEncoder(model, PATHS[record["chosen"]], device)
+        built = PathEncoder(model, PATHS[record["chosen"]], device, graph_dir=record_dir)
     except (RuntimeError, ValueError) as e:
         log.warning(
             "encoder path %s, kept from an earlier probe, does not build (%s): probing again", record["chosen"], e

@@ -88,7 +88,8 @@ class ModelRuntime:
                 log.info("encoder path: %s", self.encoder_choice.chosen)
             if self._encoder is None or self._encoder.model is not model:
                 built = self.encoder_choice.take_encoder(model)  # the probe's: not exported or folded twice
-                self._encoder = built or PathEncoder(model, PATHS[self.encoder_choice.chosen], self.settings.device)
+                path = PATHS[self.encoder_choice.chosen]
+                self._encoder = built or PathEncoder(model, path, self.settings.device, graph_dir=self.store.root)
             return self._encoder
 
     def encoder_info(self) -> dict:
