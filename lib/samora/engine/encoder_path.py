@@ -298,7 +298,7 @@ def select(
     model: SamoraModel, device: str | torch.device, setting: str = "auto", record_dir: str | os.PathLike | None = None
 ) -> ProbeResult:
     """The path conf `encoder_path` asks for: probed when "auto" (or the choice of an earlier probe on this machine
-    kept in `record_dir`, where given), else taken as given (no probe)."""
+    kept in `record_dir`, where given; exported paths keep their graphs there too), else taken as given (no probe)."""
     if setting not in CHOICES:
         raise ValueError(f"encoder path {setting!r} is not one of {CHOICES}")
     if setting != "auto":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import logging
 import os
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from samora.engine.probe_record import package_version
 from samora.io_utils import atomic_write
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,7 @@ def _code_fingerprint() -> str:
     for source in sorted([*root.joinpath("backbones").glob("*.py"), *root.joinpath("adapters").glob("*.py")]):
         digest.update(source.read_bytes())
     for name in TRACED_PACKAGES:
-        try:
-            digest.update(f"{name} {importlib.metadata.version(name)}".encode())
-        except importlib.metadata.PackageNotFoundError:
-            digest.update(f"{name} absent".encode())
+        digest.update(f"{name} {package_version(name)}".encode())
     return digest.hexdigest()
 
 

@@ -46,7 +46,8 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _package_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
+    """The installed version of a distribution package, or None where it is not installed."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -62,7 +63,7 @@ def probe_key(config, device: str | torch.device, names: list[str]) -> dict:
         "image_size": config.image_size,
         "candidates": list(names),
         "torch": torch.__version__,
-        **{name: _package_version(name) for name in RUNTIME_PACKAGES},
+        **{name: package_version(name) for name in RUNTIME_PACKAGES},
         "device": device.type,
         "threads": torch.get_num_threads(),
     }
